@@ -1,0 +1,3 @@
+from apo_cli.main import main
+
+main()

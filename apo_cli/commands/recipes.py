@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from apo_cli.commands._common import guarded
+from apo_cli.errors import UsageError
+
+
+def shipped_recipes_dir() -> Path:
+    """The shipped recipes: the source tree's recipes/ when run from a checkout, else the installed copy."""
+    here = Path(__file__).resolve().parents[2] / "recipes"
+    if here.is_dir():
+        return here
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("apo_cli.shipped_recipes")))
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(shipped_recipes_dir().glob("*.yaml"))}
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith("#") and not line.lstrip("# ").startswith("apo "):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+@guarded
+def recipes(
+    name: Annotated[str | None, typer.Argument(help="A shipped recipe to copy.", show_default=False)] = None,
+    dest: Annotated[Path | None, typer.Argument(help="Where to copy it (file or folder).", show_default=False)] = None,
+) -> None:
+    """List the shipped recipes, or copy one to a path to edit it.
+
+    Examples:
+
+        apo recipes
+
+        apo recipes quickstart my-recipe.yaml
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    found = shipped_recipes()
+    if name is None:
+        table = Table(title="Shipped recipes", show_lines=False)
+        table.add_column("name", style="bold cyan")
+        table.add_column("what it is")
+        for stem, path in found.items():
+            table.add_row(stem, _first_comment(path))
+        Console().print(table)
+        return
+    key = name.removesuffix(".yaml")
+    if key not in found:
+        raise UsageError(f"no shipped recipe named {name!r}; available: {', '.join(found)}")
+    target = dest or Path(f"{key}.yaml")
+    if target.is_dir():
+        target = target / f"{key}.yaml"
+    if target.exists():
+        raise UsageError(f"{target} already exists; choose another path")
+    shutil.copyfile(found[key], target)
+    typer.echo(f"copied {key} to {target}")

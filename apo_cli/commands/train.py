@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from apo_cli.commands._common import OverridesArg, RecipeArg, guarded
+
+
+@guarded
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in the run directory from its latest good checkpoint.")
+    ] = False,
+    resume_from: Annotated[
+        Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.")
+    ] = None,
+    allow_recipe_change: Annotated[
+        bool, typer.Option("--allow-recipe-change", help="On --resume, accept changes to fields that are safe to change.")
+    ] = False,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Run directory (overrides run.output_dir).")] = None,
+) -> None:
+    """Train a model with the recipe's objective (APO, GRPO, GSPO, ADPO) on-policy.
+
+    Examples:
+
+        apo train recipes/quickstart.yaml
+
+        apo train recipes/quickstart.yaml algorithm.objective=grpo run.max_steps=20
+
+        apo train recipes/quickstart.yaml --resume
+    """
+    from apo_cli.recipe import load_recipe
+    from apo_cli.train import train_from_recipe
+
+    extra = list(overrides or [])
+    if output_dir is not None:
+        extra.append(f"run.output_dir={output_dir}")
+    r = load_recipe(recipe, extra)
+    train_from_recipe(r, resume=resume or resume_from is not None, resume_from=resume_from,
+                      allow_recipe_change=allow_recipe_change)

@@ -1,0 +1,88 @@
+"""Per-step metrics: JSON lines on disk, optional TensorBoard, and readers for other commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, TextIO
+
+from apo_cli.errors import RunDirError
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalars: NaN/inf become null (json.dumps would write invalid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):
+        return _clean(value.item())
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per step; flushed and fsynced so a kill loses at most the current line."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+        self.path = Path(path)
+        self._fh: TextIO | None = None
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(tensorboard_dir))
+            except ImportError:
+                from apo_cli.errors import UsageError
+
+                raise UsageError("logging.tensorboard needs the tensorboard package (pip install tensorboard)") from None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines of steps > ``step`` (they are redone after a resume)."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path, warn=None) if int(r.get("step", 0)) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._fh is None:
+            self._fh = self.path.open("a", encoding="utf-8")
+        clean = {k: _clean(v) for k, v in record.items()}
+        try:
+            self._fh.write(json.dumps(clean) + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as e:
+            raise RunDirError(f"cannot write {self.path}: {e.strerror or e}") from None
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for k, v in clean.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path, warn=print) -> list[dict[str, Any]]:
+    """Read a metrics.jsonl; a truncated or broken line is skipped and ``warn`` is told its number."""
+    out = []
+    with Path(path).open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if warn is not None:
+                    warn(f"{path}:{n}: skipping a truncated or malformed metrics line")
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out

@@ -1,0 +1,541 @@
+"""The training loop, top to bottom.
+
+One *step* is one rollout and the updates made from it:
+
+1. **Rollout.** ``prompts_per_step`` prompts from the data (in a seeded order, epoch after epoch)
+   are rendered (chat template or plain template) and sent to the backend, which samples
+   ``group_size`` (G) completions for each, with the engine's log-probs of the sampled tokens.
+2. **Rewards** per completion (weighted sum of the recipe's rewards), then **group advantages**
+   (centred per group; std scaling per the objective) and the schedule **signals** (reward signal,
+   confidence, calibration), from which the **alpha** and **tau** schedules give this step's values.
+3. **Anchor.** The anchor log-probs are the trainer's own forward pass at the rollout weights. The
+   first mini-batch of the first epoch is trained at exactly those weights, so its anchor is the
+   detached log-prob of its own forward (u = 0, no extra pass); the other mini-batches get a
+   no-grad pass before the first update. With one mini-batch and one epoch (the default) the
+   step is purely on-policy and needs no extra forward at all.
+4. **Updates.** The rollout's groups are shuffled *as whole groups* and split into
+   ``algorithm.mini_batches``; each mini-batch is one optimizer step, accumulated from
+   micro-batches of whole groups whose losses are normalised by the mini-batch totals (so 1×4 and
+   4×1 give the same update). ``algorithm.epochs`` passes. Non-finite loss or gradient: the
+   optimizer step is skipped and counted; after ``optim.max_consecutive_skips`` in a row the run
+   stops with a checkpoint of the last good state.
+5. **Sync, log, checkpoint.** ``backend.sync_weights()``; one metrics line; a checkpoint every
+   ``checkpoint.every`` steps and at the end (atomic, the last K kept).
+
+Every name a recipe uses (objective, schedule, reward, backend) goes through a registry; the loop
+never special-cases one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apo_cli.algo.advantages import compute_advantages
+from apo_cli.algo.objectives import LossBatch, LossContext, get_objective, resolved
+from apo_cli.algo.schedules import TauSchedule, compute_signals, make_alpha_schedule
+from apo_cli.batching import completion_logprobs, pack
+from apo_cli.checkpoint import (
+    CheckpointPayload,
+    check_run_dir,
+    latest_good_checkpoint,
+    load_weights_into,
+    read_torch_state,
+    read_trainer_state,
+    verify_checkpoint,
+    write_checkpoint,
+    atomic_write_text,
+)
+from apo_cli.dashboard import make_dashboard
+from apo_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ApoError, Interrupted, TrainingError
+from apo_cli.metrics import MetricsWriter
+from apo_cli.recipe import Recipe, recipe_to_yaml
+from backends import SamplingParams, create_backend
+
+
+@dataclass
+class Rollout:
+    """One step's samples, flattened group by group: row k belongs to group k // G."""
+
+    prompt_ids: list[list[int]]  # [N]
+    completion_ids: list[list[int]]  # [N]
+    completions: list[str]  # [N]
+    prompts: list[str]  # [N]
+    finish: list[str]  # [N]
+    engine_logprobs: list[list[float]] | None
+    rewards: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N]
+    group_ids: torch.Tensor  # [N]
+
+
+class DataOrder:
+    """Seeded order over training examples, epoch after epoch; its state is (epoch, pos)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        idx = list(range(self.n))
+        if self.shuffle:
+            random.Random(self.seed * 7919 + self.epoch).shuffle(idx)
+        return idx
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        self.epoch, self.pos = int(d["epoch"]), int(d["pos"])
+        self._order = self._make_order()
+
+
+class _StopFlag:
+    """First SIGINT/SIGTERM: finish the step, save, exit 130/143. Second: abort now."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, *, resume: bool = False, resume_from: Path | None = None,
+                 allow_recipe_change: bool = False):
+        from apo_cli.data import load_examples, render_prompt
+        from apo_cli.models import context_length, load_policy
+        from apo_cli.rewards import RewardSet
+
+        self.recipe = r = recipe
+        self.run_dir = r.resolved_output_dir()
+        dump = r.model_dump(mode="json")
+        check_run_dir(self.run_dir, dump, resume=resume or r.checkpoint.resume == "auto" and self._has_run(),
+                      allow_change=allow_recipe_change)
+        self.resume = resume or (r.checkpoint.resume == "auto" and self._has_run())
+        self.resume_from = resume_from
+        self.G = r.rollout.group_size
+        self.objective = get_objective(r.algorithm.objective)
+
+        # data and rewards first: a bad dataset or reward fails before a model is loaded
+        self.examples = load_examples(r.data, r.run.seed, "train")
+        if not self.examples:
+            raise ApoError(f"no training examples from {r.data.source} after filters and limits")
+        self.rewards = RewardSet(r.rewards)
+        self.max_steps = r.run.max_steps or max(1, math.ceil(r.run.epochs * len(self.examples) / r.rollout.prompts_per_step))
+
+        _seed_everything(r.run.seed)
+        self.backend = create_backend(r.backend)
+        model, self.tok, self.model_path = load_policy(r.model, seed=r.run.seed, device_dtype=self._device_dtype())
+        self.model = self.backend.setup(model, self.tok)
+        self.context = context_length(self.model, r.model)
+        self.autocast = getattr(self.backend, "autocast", None)
+        self.ref_model = self._make_reference() if r.algorithm.kl_coef > 0 else None
+        self._render = lambda ex: render_prompt(ex, r.data, self.tok)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=r.optim.lr, betas=r.optim.betas, weight_decay=r.optim.weight_decay)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
+        self.alpha_schedule = make_alpha_schedule(r.algorithm.alpha, self.max_steps)
+        self.tau_schedule = TauSchedule(r.algorithm.tau, r.algorithm.adaptive_tau)
+        self.order = DataOrder(len(self.examples), r.run.seed, r.data.shuffle)
+        self.step = 0
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.truncated_prompts = 0
+
+    # -- setup helpers ----------------------------------------------------------------------------
+
+    def _has_run(self) -> bool:
+        return (self.run_dir / "recipe.yaml").is_file()
+
+    def _device_dtype(self) -> str:
+        return "bfloat16" if self.recipe.backend.kind == "gpu" else "float32"
+
+    def _make_reference(self):
+        import copy
+
+        if self.recipe.model.lora is not None:
+            return None  # the reference is the base model: adapters disabled (see _ref_logprobs)
+        ref = copy.deepcopy(self.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    def _lr_lambda(self):
+        o = self.recipe.optim
+        mb = self.recipe.algorithm.mini_batches * self.recipe.algorithm.epochs
+        total = max(1, self.max_steps * mb)
+
+        def f(i: int) -> float:
+            if o.warmup_steps and i < o.warmup_steps:
+                return (i + 1) / o.warmup_steps
+            frac = (i - o.warmup_steps) / max(1, total - o.warmup_steps)
+            if o.scheduler == "linear":
+                return max(0.0, 1.0 - frac)
+            if o.scheduler == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+            return 1.0
+
+        return f
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        trainer_state = {
+            "step": self.step,
+            "max_steps": self.max_steps,
+            "data": self.order.state_dict(),
+            "alpha_schedule": self.alpha_schedule.state_dict(),
+            "tau_schedule": self.tau_schedule.state_dict(),
+            "skipped_total": self.skipped_total,
+            "consecutive_skips": self.consecutive_skips,
+            "base_model": self.model_path,
+            "objective": self.recipe.algorithm.objective,
+        }
+        torch_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        return trainer_state, torch_state
+
+    def save(self) -> Path:
+        ts, tt = self._state()
+        path = write_checkpoint(
+            self.run_dir,
+            CheckpointPayload(self.step, self.model, self.tok, ts, tt),
+            keep_last=self.recipe.checkpoint.keep_last,
+        )
+        self._last_saved = self.step
+        return path
+
+    def restore(self, path: Path) -> None:
+        verify_checkpoint(path)
+        ts = read_trainer_state(path)
+        tt = read_torch_state(path)
+        load_weights_into(self.model, path)
+        self.optimizer.load_state_dict(tt["optimizer"])
+        self.lr_scheduler.load_state_dict(tt["lr_scheduler"])
+        torch.set_rng_state(tt["torch_rng"])
+        self.step = int(ts["step"])
+        self.order.load_state_dict(ts["data"])
+        self.alpha_schedule.load_state_dict(ts["alpha_schedule"])
+        self.tau_schedule.load_state_dict(ts["tau_schedule"])
+        self.skipped_total = int(ts.get("skipped_total", 0))
+        self.consecutive_skips = int(ts.get("consecutive_skips", 0))
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def rollout(self) -> tuple[Rollout, list, dict[str, float]]:
+        r = self.recipe
+        idx = self.order.take(r.rollout.prompts_per_step)
+        examples = [self.examples[i] for i in idx]
+        texts = [self._render(ex) for ex in examples]
+        add_special = not _uses_chat_template(r.data.chat_template, self.tok)
+        prompt_ids = []
+        for t in texts:
+            ids = self.tok(t, add_special_tokens=add_special).input_ids
+            limit = r.rollout.max_prompt_tokens or max(1, self.context - r.rollout.max_new_tokens)
+            if len(ids) > limit:
+                ids = ids[-limit:]
+                self.truncated_prompts += 1
+            prompt_ids.append(ids)
+        params = SamplingParams(
+            n=self.G, max_new_tokens=r.rollout.max_new_tokens, temperature=r.rollout.temperature,
+            top_p=r.rollout.top_p, top_k=r.rollout.top_k, stop=tuple(r.rollout.stop),
+            seed=_step_seed(r.run.seed, self.step),
+        )
+        groups = self.backend.generate(prompt_ids, params)
+        flat = [c for g in groups for c in g]
+        completions = [self.tok.decode(c.ids, skip_special_tokens=True) for c in flat]
+        rep = lambda xs: [x for x in xs for _ in range(self.G)]  # noqa: E731
+        out = self.rewards(rep(texts), completions, [c.ids for c in flat], rep(examples))
+        rewards = torch.tensor(out.total, dtype=torch.float32)
+        group_ids = torch.arange(len(examples)).repeat_interleave(self.G)
+        std_mode = resolved(r.algorithm, "advantage_std")
+        adv, adv_stats = compute_advantages(rewards, group_ids, std_mode)
+        engine_lp = None if any(c.logprobs is None for c in flat) else [c.logprobs for c in flat]
+        ro = Rollout(rep(prompt_ids), [c.ids for c in flat], completions, rep(texts), [c.finish_reason for c in flat],
+                     engine_lp, rewards, adv, group_ids)
+        metrics = {**adv_stats, **out.metrics}
+        correct = None if out.correct is None else torch.tensor(out.correct, dtype=torch.bool)
+        return ro, correct, metrics
+
+    def _forward(self, model, prompts, completions, *, grad: bool, entropy: bool = False):
+        packed = pack(prompts, completions, self.tok.pad_token_id)
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        with ctx:
+            logp, ent = completion_logprobs(model, packed, autocast=self.autocast() if self.autocast else None,
+                                            with_entropy=entropy)
+        return logp, ent, packed.mask
+
+    def _ref_logprobs(self, prompts, completions):
+        if self.ref_model is not None:
+            return self._forward(self.ref_model, prompts, completions, grad=False)[0]
+        with self.model.disable_adapter():
+            return self._forward(self.model, prompts, completions, grad=False)[0]
+
+    def _anchor_pass(self, rows: list[int], ro: Rollout, anchors: dict[int, torch.Tensor]) -> None:
+        """No-grad log-probs at the rollout weights for ``rows`` (before any update of this step)."""
+        mbs = self.recipe.optim.micro_batch_size
+        for s in range(0, len(rows), mbs):
+            chunk = rows[s : s + mbs]
+            logp, _, mask = self._forward(self.model, [ro.prompt_ids[i] for i in chunk],
+                                          [ro.completion_ids[i] for i in chunk], grad=False)
+            for k, i in enumerate(chunk):
+                anchors[i] = logp[k, : int(mask[k].sum())].detach()
+
+    def update(self, ro: Rollout, alpha: float, tau: float, anchors: dict[int, torch.Tensor]) -> dict[str, float]:
+        """All optimizer steps of one rollout. Returns the step's averaged training metrics."""
+        a, o = self.recipe.algorithm, self.recipe.optim
+        n_groups = len(ro.rewards) // self.G
+        gen = torch.Generator().manual_seed(_step_seed(self.recipe.run.seed, self.step) + 1)
+        plans = []
+        for _ in range(a.epochs):
+            perm = torch.randperm(n_groups, generator=gen).tolist()
+            per = n_groups // a.mini_batches
+            plans.append([perm[i * per : (i + 1) * per] for i in range(a.mini_batches)])
+        first_rows = {g * self.G + j for g in plans[0][0] for j in range(self.G)}
+        rest = [i for i in range(len(ro.rewards)) if i not in first_rows and i not in anchors]
+        if rest and (a.mini_batches > 1 or a.epochs > 1):
+            self._anchor_pass(rest, ro, anchors)
+        acc: dict[str, float] = {}
+        weight = 0.0
+        grad_norms = []
+        for epoch_plan in plans:
+            for mb_groups in epoch_plan:
+                rows = [g * self.G + j for g in mb_groups for j in range(self.G)]
+                m, gn = self._optimizer_step(ro, rows, alpha, tau, anchors)
+                if gn is not None:
+                    grad_norms.append(gn)
+                for k, v in m.items():
+                    acc[k] = acc.get(k, 0.0) + v * len(rows)
+                weight += len(rows)
+        out = {k: v / max(weight, 1) for k, v in acc.items()}
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        return out
+
+    def _optimizer_step(self, ro, rows, alpha, tau, anchors):
+        o, a = self.recipe.optim, self.recipe.algorithm
+        total_tokens = float(sum(len(ro.completion_ids[i]) for i in rows))
+        ctx = LossContext(alpha=alpha, tau=tau, total_groups=len(rows) // self.G, total_seqs=len(rows),
+                          total_tokens=max(total_tokens, 1.0), max_new_tokens=self.recipe.rollout.max_new_tokens)
+        self.optimizer.zero_grad(set_to_none=True)
+        acc: dict[str, float] = {}
+        finite = True
+        for s in range(0, len(rows), o.micro_batch_size):
+            chunk = rows[s : s + o.micro_batch_size]
+            prompts = [ro.prompt_ids[i] for i in chunk]
+            comps = [ro.completion_ids[i] for i in chunk]
+            logp, ent, mask = self._forward(self.model, prompts, comps, grad=True, entropy=True)
+            width = logp.shape[1]
+            old = torch.zeros_like(logp)
+            for k, i in enumerate(chunk):
+                if i not in anchors:  # first visit at the rollout weights: the anchor is this forward
+                    anchors[i] = logp[k, : len(ro.completion_ids[i])].detach().clone()
+                old[k, : anchors[i].shape[0]] = anchors[i][:width]
+            ref = self._ref_logprobs(prompts, comps) if a.kl_coef > 0 else None
+            batch = LossBatch(logp=logp, logp_old=old, mask=mask, advantages=ro.advantages[chunk],
+                              group_ids=ro.group_ids[chunk], logp_ref=ref)
+            loss, m = self.objective.fn(batch, a, ctx)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            m = dict(m)
+            m["loss"] = float(loss.detach())
+            m["entropy"] = float((ent.sum() / mask.sum().clamp(min=1)).item())
+            share = len(chunk) / len(rows)
+            for k, v in m.items():
+                # the loss is already normalised by mini-batch totals, so it adds up; the rest are means
+                acc[k] = acc.get(k, 0.0) + (v if k == "loss" else v * share)
+        grad_norm = None
+        if finite:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            max_norm = o.grad_clip if o.grad_clip is not None else float("inf")
+            gn = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+            finite = bool(torch.isfinite(gn))
+            grad_norm = float(gn)
+        if finite:
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.consecutive_skips = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+            grad_norm = None
+        self.optimizer.zero_grad(set_to_none=True)
+        return acc, grad_norm
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def train(self) -> Path | None:
+        r = self.recipe
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsWriter(self.run_dir / r.logging.metrics_file,
+                                self.run_dir / "tb" if r.logging.tensorboard else None)
+        dash = make_dashboard(r.logging.dashboard, r.run.name, self.max_steps)
+        notes: list[str] = []
+        if self.resume:
+            ckpt = self.resume_from or latest_good_checkpoint(self.run_dir, warn=notes.append)
+            if ckpt is None:
+                notes.append(f"no checkpoint in {self.run_dir}: starting from step 0")
+                metrics.truncate_after(0)
+            else:
+                self.restore(Path(ckpt))
+                metrics.truncate_after(self.step)
+                notes.append(f"resumed from {ckpt} at step {self.step}")
+        atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(r))
+        self._last_saved = self.step
+        if self.step >= self.max_steps:
+            dash.message(f"run {r.run.name} is already finished ({self.step}/{self.max_steps} steps)")
+            metrics.close()
+            return latest_good_checkpoint(self.run_dir)
+        samples_path = self.run_dir / "samples.jsonl"
+        with _StopFlag() as stop, dash:
+            for n in notes:
+                dash.message(n, "yellow")
+            try:
+                while self.step < self.max_steps:
+                    record, samples = self._one_step()
+                    metrics.write(record)
+                    _append_samples(samples_path, samples)
+                    dash.update(record, samples)
+                    if self.consecutive_skips >= r.optim.max_consecutive_skips:
+                        path = self.save()
+                        raise TrainingError(
+                            f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient; "
+                            f"stopped at step {self.step} (weights untouched since the last good step, saved in {path})",
+                            hint="lower optim.lr or check the rewards",
+                        )
+                    if stop.signum is not None:
+                        path = self.save()
+                        code = EXIT_TERMINATED if stop.signum == signal.SIGTERM else EXIT_INTERRUPTED
+                        raise Interrupted(f"stopped at step {self.step}; saved {path} (resume with --resume)", code)
+                    if self.step % r.checkpoint.every == 0 or self.step == self.max_steps:
+                        self.save()
+            finally:
+                metrics.close()
+        last = latest_good_checkpoint(self.run_dir)
+        dash.message(f"done: {self.step} steps; final checkpoint {last}")
+        return last
+
+    def _one_step(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        r = self.recipe
+        t0 = time.perf_counter()
+        self.step += 1
+        torch.manual_seed(_step_seed(r.run.seed, self.step))
+        ro, correct, roll_metrics = self.rollout()
+        t_roll = time.perf_counter()
+        anchors: dict[int, torch.Tensor] = {}
+        if ro.engine_logprobs is None:  # signals need the rollout policy's log-probs: take the anchor pass
+            self._anchor_pass(list(range(len(ro.rewards))), ro, anchors)
+            seq_lp = torch.tensor([float(anchors[i].mean()) if anchors[i].numel() else 0.0 for i in range(len(ro.rewards))])
+        else:
+            seq_lp = torch.tensor([sum(lp) / max(len(lp), 1) for lp in ro.engine_logprobs])
+        vocab = int(getattr(self.model.config, "vocab_size", len(self.tok)))
+        sig = compute_signals(self.step, ro.rewards, ro.advantages, ro.group_ids, seq_lp, vocab, correct)
+        alpha = self.alpha_schedule.step(sig) if self.objective.uses_alpha else 1.0
+        tau = self.tau_schedule.step(sig)
+        train_metrics = self.update(ro, alpha, tau, anchors)
+        sync_s = self.backend.sync_weights()
+        t_end = time.perf_counter()
+        lengths = [len(c) for c in ro.completion_ids]
+        n_tokens = sum(lengths) + sum(len(p) for p in ro.prompt_ids)
+        record: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.order.epoch + self.order.pos / len(self.examples),
+            **roll_metrics,
+            **{k: v for k, v in vars(sig).items() if k != "step"},
+            **train_metrics,
+            "alpha": alpha,
+            "tau": tau,
+            **(self.alpha_schedule.metrics() if self.objective.uses_alpha else {}),
+            "completions/mean_length": sum(lengths) / len(lengths),
+            "completions/min_length": min(lengths),
+            "completions/max_length": max(lengths),
+            "completions/clipped_ratio": sum(f == "length" for f in ro.finish) / len(ro.finish),
+            "prompts/truncated": self.truncated_prompts,
+            "learning_rate": self.lr_scheduler.get_last_lr()[0],
+            "skipped_steps": self.skipped_total,
+            "num_tokens": n_tokens,
+            "time/rollout": t_roll - t0,
+            "time/train": t_end - t_roll - sync_s,
+            "time/sync": sync_s,
+            "step_time": t_end - t0,
+            "tokens_per_s": sum(lengths) / max(t_end - t0, 1e-9),
+        }
+        k = r.logging.samples_per_step
+        samples = [
+            {"step": self.step, "prompt": ro.prompts[i * self.G], "completion": ro.completions[i * self.G],
+             "reward": float(ro.rewards[i * self.G]), "finish_reason": ro.finish[i * self.G]}
+            for i in range(min(k, len(ro.rewards) // self.G))
+        ]
+        return record, samples
+
+
+def _uses_chat_template(mode: str, tok) -> bool:
+    return mode == "on" or (mode == "auto" and bool(getattr(tok, "chat_template", None)))
+
+
+def _append_samples(path: Path, samples: list[dict[str, Any]]) -> None:
+    if not samples:
+        return
+    import json
+
+    with path.open("a", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+
+
+def train_from_recipe(recipe: Recipe, *, resume: bool = False, resume_from: Path | None = None,
+                      allow_recipe_change: bool = False) -> Path | None:
+    trainer = Trainer(recipe, resume=resume, resume_from=resume_from, allow_recipe_change=allow_recipe_change)
+    try:
+        return trainer.train()
+    finally:
+        trainer.backend.close()
