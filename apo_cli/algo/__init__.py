@@ -1,0 +1,56 @@
+"""The algorithm core: pure tensor code, no model, no device assumptions.
+
+- :mod:`~apo_cli.algo.objectives` — the objective registry (apo, adpo, grpo, gspo, dr_grpo) and the
+  exact alpha-divergence;
+- :mod:`~apo_cli.algo.advantages` — group gathering, group-relative advantages, the target q;
+- :mod:`~apo_cli.algo.aggregation` — token-mean / sequence-mean / constant loss aggregation;
+- :mod:`~apo_cli.algo.schedules` — per-rollout signals, alpha schedules, adaptive tau.
+"""
+
+from apo_cli.algo.advantages import compute_advantages, group_order, group_target, group_view, ungroup
+from apo_cli.algo.aggregation import AGGREGATIONS, agg_loss, masked_mean
+from apo_cli.algo.objectives import (
+    OBJECTIVES,
+    LossBatch,
+    LossContext,
+    ObjectiveInfo,
+    alpha_divergence,
+    anchored_logits,
+    get_objective,
+    register_objective,
+    resolved,
+    sequence_logprob,
+)
+from apo_cli.algo.schedules import (
+    AlphaSchedule,
+    Signals,
+    TauSchedule,
+    compute_signals,
+    make_alpha_schedule,
+)
+
+__all__ = [
+    "AGGREGATIONS",
+    "OBJECTIVES",
+    "AlphaSchedule",
+    "LossBatch",
+    "LossContext",
+    "ObjectiveInfo",
+    "Signals",
+    "TauSchedule",
+    "agg_loss",
+    "alpha_divergence",
+    "anchored_logits",
+    "compute_advantages",
+    "compute_signals",
+    "get_objective",
+    "group_order",
+    "group_target",
+    "group_view",
+    "make_alpha_schedule",
+    "masked_mean",
+    "register_objective",
+    "resolved",
+    "sequence_logprob",
+    "ungroup",
+]
