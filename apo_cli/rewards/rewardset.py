@@ -1,0 +1,302 @@
+"""Scoring a step's completions with every reward of the recipe, weighted, time-boxed and accounted for.
+
+How a reward is called (TRL-style keyword arguments)::
+
+    fn(prompts=[...], completions=[...], completion_ids=[...], answer=[...],
+       <each example column>=[...], **spec.kwargs)  ->  list[float | None], one per completion
+
+Custom functions that do not take ``**kwargs`` receive only the arguments they name.
+
+Failure policy, chosen so that one bad completion never stops a run but a broken reward always does:
+
+- Custom rewards and the cheap built-ins are called once per *group* (consecutive completions of one
+  example), each call in a daemon thread with ``RewardSpec.timeout_s`` as its deadline. A call that
+  raises or overruns scores its samples None; they are counted (``errors`` / ``timeouts``) and the
+  first traceback is printed once. (An overrunning thread cannot be killed; it is abandoned.)
+- math_verify and reference take one call per step and time-box each sample themselves in
+  killable worker processes, so a pathological expression costs at most ``timeout_s``.
+- Returning the wrong type or length, or a non-finite number, is a bug in the reward: RewardError.
+- A reward that fails (error, time-out, missing or unparseable reference) on every sample of a
+  step raises RewardError: training on an all-None reward would silently learn nothing.
+- A sample's total is the weighted sum of its non-None rewards; if every reward is None it is 0.0
+  and counted in ``rewards/all_none``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import sys
+import threading
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from apo_cli.errors import RewardError
+from apo_cli.rewards.builtin import BUILTINS
+from apo_cli.rewards.loading import load_reward, metric_key
+
+if TYPE_CHECKING:
+    from apo_cli.recipe import RewardSpec
+
+_RESERVED = ("prompts", "completions", "completion_ids", "answer")
+# counters that mean "this sample could not be judged because something is broken"
+_FAILURES = ("errors", "timeouts", "gold_parse_failures", "gold_missing")
+
+
+@dataclass
+class RewardOutput:
+    """What the loop gets back for one step of N completions."""
+
+    total: list[float]  # [N] weighted sum over rewards, None skipped
+    correct: list[bool] | None  # [N] any verifying reward says correct; None without a verifying reward
+    metrics: dict[str, float]  # rewards/<name>/{mean,std,none_frac,errors,timeouts,...}, rewards/all_none
+    per_reward: dict[str, list[float | None]] = field(default_factory=dict)  # [N] each reward's raw values
+
+
+@dataclass
+class _Bound:
+    key: str
+    spec: RewardSpec
+    fn: Callable
+    verifies: bool
+    per_sample_timeout: bool
+    accepts: frozenset[str] | None  # parameter names, or None when it takes **kwargs
+
+
+@dataclass
+class _Partial:
+    values: list[float | None]
+    correct: list[bool | None] | None = None
+    counts: Counter = field(default_factory=Counter)
+    first_error: str | None = None
+
+
+def _accepts(fn: Callable) -> frozenset[str] | None:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
+
+
+def _check_kwargs(key: str, fn: Callable, kwargs: dict[str, Any]) -> None:
+    """Reject recipe kwargs a built-in does not know (built-ins swallow columns in **_, so check here)."""
+    import difflib
+
+    params = inspect.signature(fn).parameters
+    known = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "timeout_s"]
+    for k in kwargs:
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(known) or 'none'}"
+            raise RewardError(f"reward {key}: unknown kwargs key {k!r}; {hint}")
+
+
+def _call_with_deadline(fn: Callable, kwargs: dict[str, Any], timeout_s: float | None) -> tuple[Any, str | None, bool]:
+    """(result, traceback text or None, timed out). Works from any thread: no signals involved."""
+    if timeout_s is None:
+        try:
+            return fn(**kwargs), None, False
+        except Exception:  # noqa: BLE001
+            return None, traceback.format_exc(), False
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(**kwargs)
+        except BaseException:  # noqa: BLE001 - reported to the caller
+            box["error"] = traceback.format_exc()
+
+    worker = threading.Thread(target=target, daemon=True, name="apo-reward")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        return None, None, True
+    return box.get("value"), box.get("error"), False
+
+
+def _validate(key: str, out: Any, n: int) -> tuple[list[float | None], list[bool | None] | None, Counter]:
+    """Check a reward's return value; RewardError naming the reward and what came back otherwise."""
+    if not isinstance(out, (list, tuple)):
+        shown = repr(out) if len(repr(out)) < 60 else type(out).__name__
+        raise RewardError(f"reward {key} returned {shown}; expected a list of {n} floats or None")
+    if len(out) != n:
+        raise RewardError(f"reward {key} returned {len(out)} values for {n} completions")
+    values: list[float | None] = []
+    for i, v in enumerate(out):
+        if v is None:
+            values.append(None)
+        elif isinstance(v, numbers.Real):
+            f = float(v)
+            if not math.isfinite(f):
+                raise RewardError(f"reward {key} returned {f} for completion {i}; rewards must be finite or None")
+            values.append(f)
+        else:
+            raise RewardError(
+                f"reward {key} returned {type(v).__name__} {repr(v)[:40]} for completion {i}; expected float or None"
+            )
+    correct = getattr(out, "correct", None)
+    if correct is not None and len(correct) != n:
+        raise RewardError(f"reward {key} reported {len(correct)} correctness flags for {n} completions")
+    return values, correct, Counter(getattr(out, "counts", {}) or {})
+
+
+def _groups(examples: Sequence[Any]) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive completions that share one example (a rollout group)."""
+    spans, start = [], 0
+    for i in range(1, len(examples) + 1):
+        if i == len(examples) or not (examples[i] is examples[start] or examples[i] == examples[start]):
+            spans.append((start, i))
+            start = i
+    return spans
+
+
+def _first_line(tb: str) -> str:
+    lines = [line for line in tb.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "unknown error"
+
+
+class RewardSet:
+    """The recipe's rewards, resolved once; call it on a step's completions to get a RewardOutput."""
+
+    def __init__(self, specs: list[RewardSpec]) -> None:
+        self._rewards: list[_Bound] = []
+        seen: Counter = Counter()
+        for spec in specs:
+            fn = load_reward(spec.name)
+            key = metric_key(spec.name)
+            seen[key] += 1
+            if seen[key] > 1:
+                key = f"{key}_{seen[key]}"
+            builtin = spec.name in BUILTINS
+            if builtin:
+                _check_kwargs(key, fn, spec.kwargs)
+            self._rewards.append(_Bound(
+                key=key, spec=spec, fn=fn, verifies=bool(getattr(fn, "verifies", False)),
+                per_sample_timeout=builtin and bool(getattr(fn, "per_sample_timeout", False)),
+                accepts=None if builtin else _accepts(fn),
+            ))
+        self.names = [r.key for r in self._rewards]
+        self.verifying = [r.key for r in self._rewards if r.verifies]  # rewards that report correctness
+        self._reported: set[str] = set()
+
+    # ----------------------------------------------------------------------------------------------
+
+    def __call__(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+                 examples: list[Any]) -> RewardOutput:
+        """Score N completions (prompts, ids and examples aligned with them, groups consecutive)."""
+        n = len(completions)
+        if not (len(prompts) == len(completion_ids) == len(examples) == n):
+            raise ValueError(
+                f"RewardSet: {len(prompts)} prompts, {n} completions, {len(completion_ids)} id lists and "
+                f"{len(examples)} examples must align"
+            )
+        total = [0.0] * n
+        judged = [False] * n
+        correct: list[bool] | None = None
+        metrics: dict[str, float] = {}
+        per_reward: dict[str, list[float | None]] = {}
+        for r in self._rewards:
+            part = self._score(r, prompts, completions, completion_ids, examples)
+            per_reward[r.key] = part.values
+            metrics.update(self._metrics(r.key, part, n))
+            for i, v in enumerate(part.values):
+                if v is not None:
+                    total[i] += r.spec.weight * v
+                    judged[i] = True
+            if r.verifies or part.correct is not None:
+                flags = part.correct or [None] * n
+                correct = [bool((correct or [False] * n)[i] or flags[i]) for i in range(n)]
+        metrics["rewards/all_none"] = float(n - sum(judged))
+        if correct is not None and n:
+            metrics["rewards/correct_frac"] = sum(correct) / n
+        return RewardOutput(total=total, correct=correct, metrics=metrics, per_reward=per_reward)
+
+    def _kwargs(self, r: _Bound, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+                examples: list[Any], s: int, e: int) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "prompts": prompts[s:e], "completions": completions[s:e], "completion_ids": completion_ids[s:e],
+            "answer": [getattr(x, "answer", None) for x in examples[s:e]],
+        }
+        columns: dict[str, None] = {}
+        for x in examples[s:e]:
+            columns.update(dict.fromkeys(getattr(x, "columns", {}) or {}))
+        for col in columns:
+            if col not in _RESERVED:
+                kw[col] = [(getattr(x, "columns", {}) or {}).get(col) for x in examples[s:e]]
+        kw.update(r.spec.kwargs)
+        if r.per_sample_timeout:
+            kw["timeout_s"] = r.spec.timeout_s
+        if r.accepts is not None:
+            kw = {k: v for k, v in kw.items() if k in r.accepts}
+        return kw
+
+    def _score(self, r: _Bound, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+               examples: list[Any]) -> _Partial:
+        """Run one reward over the step (whole, or group by group), applying the failure policy."""
+        n = len(completions)
+        spans = [] if n == 0 else [(0, n)] if r.per_sample_timeout else _groups(examples)
+        part = _Partial(values=[None] * n)
+        correct: list[bool | None] = [None] * n
+        any_correct = False
+        for s, e in spans:
+            kw = self._kwargs(r, prompts, completions, completion_ids, examples, s, e)
+            out, tb, timed_out = _call_with_deadline(r.fn, kw, None if r.per_sample_timeout else r.spec.timeout_s)
+            if timed_out or tb is not None:
+                reason = f"timed out after {r.spec.timeout_s:g} s" if timed_out else _first_line(tb)
+                part.counts["timeouts" if timed_out else "errors"] += e - s
+                part.first_error = part.first_error or reason
+                self._report(r.key, e - s, tb or f"reward {r.key}: a call {reason}\n")
+                continue
+            values, flags, counts = _validate(r.key, out, e - s)
+            part.values[s:e] = values
+            part.counts.update(counts)
+            if flags is not None:
+                correct[s:e] = flags
+                any_correct = True
+        part.correct = correct if (any_correct or r.verifies) else None
+        failed = sum(part.counts[k] for k in _FAILURES)
+        if n and failed >= n and all(v is None for v in part.values):
+            why = part.first_error or self._describe_counts(part.counts)
+            raise RewardError(f"reward {r.key} failed on all {n} samples of this step: {why}")
+        return part
+
+    @staticmethod
+    def _describe_counts(counts: Counter) -> str:
+        if counts["gold_missing"]:
+            return "no reference answer (set data.answer_column)"
+        if counts["gold_parse_failures"]:
+            return "no reference answer could be parsed (check data.answer_column)"
+        return "see the counts in the metrics"
+
+    def _report(self, key: str, k: int, text: str) -> None:
+        """Print the first failure of a reward as one block; later ones are only counted."""
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        sys.stderr.write(
+            f"reward {key} failed on a call ({k} samples scored None); later failures are only counted:\n"
+            f"{text.rstrip()}\n"
+        )
+
+    @staticmethod
+    def _metrics(key: str, part: _Partial, n: int) -> dict[str, float]:
+        vals = [v for v in part.values if v is not None]
+        mean = sum(vals) / len(vals) if vals else 0.0
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) if vals else 0.0
+        out = {
+            f"rewards/{key}/mean": mean,
+            f"rewards/{key}/std": std,
+            f"rewards/{key}/none_frac": (n - len(vals)) / n if n else 0.0,
+            f"rewards/{key}/errors": float(part.counts.get("errors", 0)),
+            f"rewards/{key}/timeouts": float(part.counts.get("timeouts", 0)),
+        }
+        for name, count in part.counts.items():
+            out.setdefault(f"rewards/{key}/{name}", float(count))
+        return out
