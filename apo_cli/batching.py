@@ -31,6 +31,10 @@ class Packed:
     def completion_width(self) -> int:
         return self.targets.shape[1]
 
+    def to(self, device: torch.device | str) -> Packed:
+        return Packed(*(t.to(device, non_blocking=True) for t in
+                        (self.input_ids, self.attention_mask, self.position_ids, self.targets, self.mask)))
+
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Packed:
     n = len(prompts)

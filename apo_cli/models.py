@@ -29,6 +29,14 @@ ALIASES = (SMOLLM2_ALIAS, TINY_ALIAS)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def quiet_transformers() -> None:
+    """Silence per-load progress bars and advisory warnings: the dashboard is the run's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("APO_CACHE") or Path.home() / ".cache" / "apo")
 
@@ -256,6 +264,7 @@ def apply_lora(model, lora_spec):
 
 def load_policy(spec, *, seed: int = 0, device_dtype: str = "float32"):
     """Load (model, tokenizer, resolved_path) for a recipe's ``model`` section."""
+    quiet_transformers()
     path = resolve_model_path(spec.name_or_path, seed)
     dtype = device_dtype if spec.dtype == "auto" else spec.dtype
     tok = load_tokenizer(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from apo_cli.errors import RecipeError
 
@@ -27,10 +27,15 @@ from apo_cli.errors import RecipeError
 # Sections
 
 
+def _on_off(v: Any) -> Any:
+    """YAML 1.1 reads on/off/yes/no as booleans: map them back for fields whose values are 'on'/'off'."""
+    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, instances are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class RunSpec(Section):
@@ -124,6 +129,11 @@ class DataSpec(Section):
         0.0, ge=0, lt=1, description="Fraction of training rows held out for evaluation when eval_split is null."
     )
     eval_limit: int | None = Field(None, ge=1, description="Use at most this many evaluation rows.")
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        return _on_off(v)
 
     @field_validator("prompt_template")
     @classmethod
@@ -274,6 +284,11 @@ class LoggingSpec(Section):
     )
     samples_per_step: int = Field(2, ge=0, description="Completions shown and written to samples.jsonl per step.")
 
+    @field_validator("dashboard", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return _on_off(v)
+
     @field_validator("metrics_file")
     @classmethod
     def _inside_run_dir(cls, v: str) -> str:
@@ -335,32 +350,12 @@ class Recipe(Section):
         return v
 
     @model_validator(mode="after")
-    def _cross_field(self) -> Recipe:
-        g, p = self.rollout.group_size, self.rollout.prompts_per_step
-        mb = self.algorithm.mini_batches
-        if p % mb:
-            raise ValueError(
-                f"a mini-batch must hold whole groups: rollout.prompts_per_step={p} prompts is not divisible "
-                f"into algorithm.mini_batches={mb}"
-            )
-        per_mini = (p // mb) * g
-        if self.optim.micro_batch_size % g:
-            raise ValueError(
-                f"a micro-batch must hold whole groups: optim.micro_batch_size={self.optim.micro_batch_size} "
-                f"is not a multiple of rollout.group_size={g}"
-            )
-        if per_mini % self.optim.micro_batch_size:
-            raise ValueError(
-                f"micro-batches must tile a mini-batch: {p // mb} prompts × {g} completions = {per_mini} "
-                f"sequences is not divisible by optim.micro_batch_size={self.optim.micro_batch_size}"
-            )
-        used = objective_params(self.algorithm.objective)
-        if used is not None:
-            for name in sorted(self.algorithm.model_fields_set - used - _ALWAYS_USED):
-                raise ValueError(
-                    f"algorithm.{name} is set but objective {self.algorithm.objective!r} does not use it "
-                    f"(it uses: {', '.join(sorted(used))})"
-                )
+    def _cross_field(self, info: ValidationInfo) -> Recipe:
+        # load_recipe reports these itself, each at its field's line; direct construction raises here
+        if not (info.context or {}).get("defer_rules"):
+            problems = cross_field_problems(self)
+            if problems:
+                raise ValueError(problems[0][1])
         return self
 
     def resolved_output_dir(self) -> Path:
@@ -369,6 +364,37 @@ class Recipe(Section):
 
 # algorithm fields that every objective uses (loop control and the objective's own name).
 _ALWAYS_USED = frozenset({"objective", "mini_batches", "epochs", "kl_coef", "advantage_std"})
+
+
+def cross_field_problems(r: Recipe) -> list[tuple[tuple[str, ...], str]]:
+    """Rules that span sections, as (location of the field to change, message stating the rule)."""
+    out: list[tuple[tuple[str, ...], str]] = []
+    g, p = r.rollout.group_size, r.rollout.prompts_per_step
+    mb, micro = r.algorithm.mini_batches, r.optim.micro_batch_size
+    if p % mb:
+        out.append((("algorithm", "mini_batches"),
+                    f"a mini-batch must hold whole groups: rollout.prompts_per_step={p} prompts cannot be split "
+                    f"evenly into algorithm.mini_batches={mb}"))
+    if micro % g:
+        out.append((("optim", "micro_batch_size"),
+                    f"a micro-batch must hold whole groups: optim.micro_batch_size={micro} is not a multiple "
+                    f"of rollout.group_size={g}"))
+    elif not p % mb and ((p // mb) * g) % micro:
+        out.append((("optim", "micro_batch_size"),
+                    f"micro-batches must tile a mini-batch: {p // mb} prompts × {g} completions = {(p // mb) * g} "
+                    f"sequences is not divisible by optim.micro_batch_size={micro}"))
+    used = objective_params(r.algorithm.objective)
+    if used is not None:
+        defaults = AlgorithmSpec.model_fields
+        for name in sorted(r.algorithm.model_fields_set - used - _ALWAYS_USED):
+            value = getattr(r.algorithm, name)
+            default = defaults[name].get_default(call_default_factory=True)
+            if value == default:  # restating a default (e.g. a dumped resolved recipe) is harmless
+                continue
+            out.append((("algorithm", name),
+                        f"algorithm.{name} is set but objective {r.algorithm.objective!r} does not use it "
+                        f"(it uses: {', '.join(sorted(used))})"))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,35 +429,45 @@ def reward_names() -> set[str]:
 # --------------------------------------------------------------------------------------------------
 # Loading with positions
 
+Loc = tuple[str | int, ...]
+
 
 class _Positions:
-    """Maps dotted paths of a YAML document to (line, column), 1-based."""
+    """Maps dotted paths of a YAML document to (line, column), 1-based, and notes structural problems."""
 
     def __init__(self) -> None:
-        self.where: dict[tuple[str | int, ...], tuple[int, int]] = {}
-        self.duplicates: list[str] = []
+        self.where: dict[Loc, tuple[int, int]] = {}
+        self.problems: list[str] = []
 
-    def walk(self, node: yaml.Node, path: tuple[str | int, ...] = ()) -> None:
-        self.where[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    def walk(self, node: yaml.Node, path: Loc = (), active: frozenset[int] = frozenset()) -> None:
+        if id(node) in active:  # an alias that contains itself
+            line = node.start_mark.line + 1
+            self.problems.append(f"line {line}: {_dotted(path) or 'recipe'}: recursive YAML alias")
+            return
+        active = active | {id(node)}
+        self.where.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
         if isinstance(node, yaml.MappingNode):
             seen: set[str] = set()
             for k, v in node.value:
-                key = k.value if isinstance(k, yaml.ScalarNode) else str(k)
+                at = f"line {k.start_mark.line + 1}, column {k.start_mark.column + 1}"
+                if not isinstance(k, yaml.ScalarNode) or k.tag != "tag:yaml.org,2002:str":
+                    key_text = k.value if isinstance(k, yaml.ScalarNode) else "a collection"
+                    self.problems.append(f"{at}: {_dotted(path) or 'recipe'}: keys must be names, not {key_text!r}")
+                    continue
+                key = k.value
                 if key in seen:
-                    self.duplicates.append(
-                        f"line {k.start_mark.line + 1}, column {k.start_mark.column + 1}: "
-                        f"{_dotted((*path, key))}: duplicate key (YAML would silently keep only the last one)"
+                    self.problems.append(
+                        f"{at}: {_dotted((*path, key))}: duplicate key (YAML would silently keep only the last one)"
                     )
                 seen.add(key)
-                self.where[(*path, key)] = (k.start_mark.line + 1, k.start_mark.column + 1)
-                self.walk(v, (*path, key))
-                # the key's own position is more useful than the value's for "unknown key"
+                self.walk(v, (*path, key), active)
+                # the key's own position is more useful than the value's ("unknown key", "wrong type")
                 self.where[(*path, key)] = (k.start_mark.line + 1, k.start_mark.column + 1)
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
-                self.walk(v, (*path, i))
+                self.walk(v, (*path, i), active)
 
-    def find(self, loc: tuple[str | int, ...]) -> tuple[int, int] | None:
+    def find(self, loc: Loc) -> tuple[int, int] | None:
         for n in range(len(loc), -1, -1):
             if loc[:n] in self.where:
                 return self.where[loc[:n]]
@@ -442,6 +478,9 @@ def _yaml_error(source: str, e: yaml.YAMLError) -> RecipeError:
     mark = getattr(e, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     problem = getattr(e, "problem", None) or str(e)
+    ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if ctx and ctx_mark is not None and mark is not None and ctx_mark.line != mark.line:
+        problem += f" ({ctx} started at line {ctx_mark.line + 1}, column {ctx_mark.column + 1})"
     return RecipeError(source, [f"{where}invalid YAML: {problem}"])
 
 
@@ -450,55 +489,60 @@ def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], _Positions]:
     positions = _Positions()
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise _yaml_error(source, e) from None
+    if node is None:
+        raise RecipeError(source, ["the recipe is empty (expected a mapping with at least a 'model' section)"])
+    if not isinstance(node, yaml.MappingNode):
+        kind = "a list" if isinstance(node, yaml.SequenceNode) else "a single value"
+        raise RecipeError(source, [f"line {node.start_mark.line + 1}: a recipe must be a mapping of sections, not {kind}"])
+    positions.walk(node)
+    if positions.problems:
+        raise RecipeError(source, positions.problems)
+    try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise _yaml_error(source, e) from None
-    if data is None:
-        raise RecipeError(source, ["the recipe is empty (expected a mapping with at least a 'model' section)"])
-    if not isinstance(data, dict):
-        raise RecipeError(source, [f"line 1: a recipe must be a mapping of sections, not {type(data).__name__}"])
-    if node is not None:
-        positions.walk(node)
-    if positions.duplicates:
-        raise RecipeError(source, positions.duplicates)
     return data, positions
 
 
-def _dotted(loc: tuple[str | int, ...]) -> str:
+def _dotted(loc: Loc) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
 
-def _field_names(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
+def _unwrap_model(ann: Any, kind: str | None = None) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (for a backend union, the one of ``kind``)."""
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    found = [m for a in typing.get_args(ann) if (m := _unwrap_model(a, kind)) is not None]
+    if kind is not None:
+        for m in found:
+            tag = m.model_fields.get("kind")
+            if tag is not None and tag.default == kind:
+                return m
+    return found[0] if found else None
 
 
-def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+def _backend_kind(data: dict[str, Any]) -> str | None:
+    b = data.get("backend")
+    return b.get("kind") if isinstance(b, dict) and isinstance(b.get("kind"), str) else None
+
+
+def _model_at(loc: Loc, data: dict[str, Any]) -> type[BaseModel] | None:
     """The pydantic model that owns the mapping at ``loc`` (used for "did you mean")."""
     model: Any = Recipe
     for part in loc:
         if isinstance(part, int):
             continue
-        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+        if model is None or part not in model.model_fields:
             return None
-        ann = model.model_fields[part].annotation
-        model = _unwrap_model(ann)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _unwrap_model(ann: Any) -> Any:
-    import typing
-
-    args = typing.get_args(ann)
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for a in args:
-        m = _unwrap_model(a)
-        if m is not None:
-            return m
-    return None
+        model = _unwrap_model(model.model_fields[part].annotation, _backend_kind(data) or "cpu")
+    return model
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -506,44 +550,104 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(choices)}"
 
 
-def _format_errors(e: ValidationError, positions: _Positions, overridden: dict[tuple[str, ...], str]) -> list[str]:
-    problems = []
+_TYPE_ERRORS = ("_type", "_parsing", "literal_error", "enum", "finite_number")
+
+
+def _message(err: dict[str, Any], loc: Loc, data: dict[str, Any]) -> str:
+    kind, msg = err["type"], err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    msg = re.sub(r" or instance of \w+", "", msg)
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1], data)
+        key = str(loc[-1])
+        return f"unknown key {key!r}" + (_suggest(key, list(owner.model_fields)) if owner else "")
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "union_tag_not_found":
+        return "backend.kind is missing: set kind: cpu or kind: gpu"
+    if kind == "union_tag_invalid":
+        return f"unknown backend kind {err['ctx'].get('tag')!r}; valid kinds: cpu, gpu"
+    if kind == "finite_number":
+        return "must be a finite number (not nan or inf)"
+    if any(kind.endswith(t) or kind == t for t in _TYPE_ERRORS) and not isinstance(err.get("input"), dict | list):
+        return f"{msg} (got {err.get('input')!r})"
+    return msg
+
+
+def _format_errors(e: ValidationError, positions: _Positions, overridden: dict[Loc, str],
+                   data: dict[str, Any]) -> list[tuple[Loc, str]]:
+    out = []
     for err in e.errors(include_url=False):
         # discriminated unions insert the tag ("cpu"/"gpu") into the location: drop it
-        loc = tuple(p for i, p in enumerate(err["loc"]) if not (i > 0 and err["loc"][i - 1] == "backend" and p in ("cpu", "gpu")))
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if err["type"] == "extra_forbidden":
-            owner = _model_at(loc[:-1])
-            key = str(loc[-1])
-            msg = f"unknown key {key!r}" + (_suggest(key, _field_names(owner)) if owner else "")
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        elif err["type"] == "union_tag_invalid":
-            msg = f"unknown backend kind {err.get('input', {}).get('kind')!r}; valid kinds: cpu, gpu" if isinstance(err.get("input"), dict) else msg
-        elif err["type"] in ("literal_error", "enum"):
-            msg = f"{msg} (got {err.get('input')!r})"
-        elif "input" in err and err["type"] not in ("model_type", "dict_type") and not isinstance(err["input"], dict):
-            msg = f"{msg} (got {err['input']!r})"
+        raw = err["loc"]
+        loc = tuple(p for i, p in enumerate(raw) if not (i > 0 and raw[i - 1] == "backend" and p in ("cpu", "gpu")))
+        out.append((loc, _message(err, loc, data)))
+    return out
+
+
+def _place(problems: list[tuple[Loc, str]], positions: _Positions, overridden: dict[Loc, str]) -> list[str]:
+    """Prefix each problem with where it comes from (override or YAML line), sorted by line."""
+    placed: list[tuple[int, str]] = []
+    for loc, msg in problems:
         field = _dotted(loc) or "recipe"
-        origin = next((src for path, src in overridden.items() if loc[: len(path)] == path), None)
+        origin = next((src for path, src in overridden.items()
+                       if loc and (loc[: len(path)] == path or path[: len(loc)] == loc)), None)
         if origin is not None:
-            where = f"override {origin!r}"
-        else:
-            pos = positions.find(loc)
-            where = f"line {pos[0]}, column {pos[1]}" if pos else "recipe"
-        problems.append(f"{where}: {field}: {msg}")
-    return problems
+            placed.append((0, f"override {origin!r}: {field}: {msg}"))
+            continue
+        pos = positions.find(loc)
+        where = f"line {pos[0]}, column {pos[1]}" if pos else "recipe"
+        placed.append((pos[0] if pos else 0, f"{where}: {field}: {msg}"))
+    return [text for _, text in sorted(placed, key=lambda t: t[0])]
 
 
 # --------------------------------------------------------------------------------------------------
 # Overrides
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[tuple[str, ...], str]:
+def _override_target(path: tuple[str, ...], data: dict[str, Any]) -> tuple[str | None, Any]:
+    """Check ``path`` against the schema: (problem or None, the field's annotation)."""
+    model: Any = Recipe
+    ann: Any = None
+    for depth, part in enumerate(path):
+        if model is None:
+            if _is_free_mapping(ann):
+                return None, None  # keys inside task_kwargs, filters, kwargs... are free
+            return f"{'.'.join(path[:depth])!r} is a value, not a section", None
+        fields = list(model.model_fields)
+        if part not in fields:
+            return f"unknown key {'.'.join(path[: depth + 1])!r}{_suggest(part, fields)}", None
+        ann = model.model_fields[part].annotation
+        kind = _backend_kind(data) or ("gpu" if path[0] == "backend" and len(path) > 1 and path[1] in GPUBackendSpec.model_fields and path[1] not in CPUBackendSpec.model_fields else "cpu")
+        model = _unwrap_model(ann, kind)
+    return None, ann
+
+
+def _is_free_mapping(ann: Any) -> bool:
+    import typing
+
+    return ann is dict or typing.get_origin(ann) is dict or any(_is_free_mapping(a) for a in typing.get_args(ann))
+
+
+def _wants_text(ann: Any) -> bool:
+    """True for fields typed str / str | None: an override's text is taken as is (run.name=2024)."""
+    import types
+    import typing
+
+    args = set(typing.get_args(ann)) if typing.get_origin(ann) in (typing.Union, types.UnionType) else {ann}
+    return str in args and args <= {str, type(None)}
+
+
+def _allows_none(ann: Any) -> bool:
+    import typing
+
+    return type(None) in typing.get_args(ann)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[Loc, str]:
     """Apply ``a.b.c=value`` overrides to ``data`` in place; return {path: original text} for messages."""
-    applied: dict[tuple[str, ...], str] = {}
+    applied: dict[Loc, str] = {}
     problems: list[str] = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -552,28 +656,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             problems.append(f"override {item!r}: expected key.path=value, e.g. algorithm.alpha.alpha_min=0.3")
             continue
         path = tuple(key.split("."))
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            problems.append(f"override {item!r}: value is not valid YAML ({getattr(e, 'problem', e)})")
+        problem, ann = _override_target(path, data)
+        if problem:
+            problems.append(f"override {item!r}: {problem}")
             continue
-        # unknown keys: check against the schema for a useful "did you mean"
-        model: Any = Recipe
-        bad = False
-        for depth, part in enumerate(path):
-            if model is None:
-                break
-            fields = _field_names(model)
-            if part not in fields:
-                problems.append(f"override {item!r}: unknown key {'.'.join(path[: depth + 1])!r}{_suggest(part, fields)}")
-                bad = True
-                break
-            model = _unwrap_model(model.model_fields[part].annotation)
-            if model is not None and depth + 1 < len(path) and model.model_fields.get("kind") and path[0] == "backend":
-                # backend is a union: accept fields of any backend kind
-                model = None
-        if bad:
-            continue
+        if _wants_text(ann) and not (raw.strip() in ("null", "~") and _allows_none(ann)):
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as e:
+                problems.append(f"override {item!r}: value is not valid YAML ({getattr(e, 'problem', e)})")
+                continue
         node: Any = data
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
@@ -593,8 +687,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
 _PATH_FIELDS = (("data", "source"), ("model", "name_or_path"), ("model", "tokenizer"))
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Rewrite relative local paths (that exist next to the recipe) to absolute ones."""
+def _resolve_paths(data: dict[str, Any], base: Path, overridden: dict[Loc, str]) -> None:
+    """Rewrite relative local paths to absolute ones: the recipe's against its folder, overrides' against the CWD."""
     for section, key in _PATH_FIELDS:
         sec = data.get(section)
         if not isinstance(sec, dict) or not isinstance(sec.get(key), str):
@@ -602,9 +696,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         val = sec[key]
         if val.startswith(("builtin:", "/")) or ":" in val.split("/")[0]:
             continue
-        cand = base / val
-        if val.startswith((".", "~")) or cand.exists():
-            sec[key] = str(cand.expanduser().resolve()) if not val.startswith("~") else str(Path(val).expanduser())
+        root = Path.cwd() if (section, key) in overridden else base
+        if val.startswith("~"):
+            sec[key] = str(Path(val).expanduser())
+        elif val.startswith(".") or (root / val).exists():
+            sec[key] = str((root / val).resolve())
     rewards = data.get("rewards")
     if isinstance(rewards, list):
         for r in rewards:
@@ -615,11 +711,20 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", positions: _Positions | None = None,
-                     overridden: dict[tuple[str, ...], str] | None = None) -> Recipe:
+                     overridden: dict[Loc, str] | None = None) -> Recipe:
+    """Validate a recipe mapping; every problem is reported at once, each where it comes from."""
+    positions = positions or _Positions()
+    overridden = overridden or {}
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data, context={"defer_rules": True})
     except ValidationError as e:
-        raise RecipeError(source, _format_errors(e, positions or _Positions(), overridden or {})) from None
+        raise RecipeError(source, _place(_format_errors(e, positions, overridden, data), positions, overridden)) from None
+    except RecursionError:
+        raise RecipeError(source, ["recipe: recursive structure (a YAML alias that contains itself)"]) from None
+    rules = cross_field_problems(recipe)
+    if rules:
+        raise RecipeError(source, _place(rules, positions, overridden))
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -636,8 +741,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(source, ["recipe is not UTF-8 text"]) from None
     data, positions = parse_yaml(text, source)
     overridden = apply_overrides(data, overrides or [], source)
-    _resolve_paths(data, path.resolve().parent)
+    _resolve_paths(data, path.resolve().parent, overridden)
     return recipe_from_dict(data, source, positions, overridden)
+
+
+def with_values(recipe: Recipe, values: dict[str, Any], source: str = "<command line>") -> Recipe:
+    """A copy of ``recipe`` with dotted fields set to already-typed values (e.g. from CLI options)."""
+    data = recipe.model_dump(mode="json", exclude_unset=True)
+    for dotted, value in values.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return recipe_from_dict(data, source, overridden={tuple(k.split(".")): f"{k}={v}" for k, v in values.items()})
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

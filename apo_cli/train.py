@@ -170,6 +170,7 @@ class Trainer:
         self.backend = create_backend(r.backend)
         model, self.tok, self.model_path = load_policy(r.model, seed=r.run.seed, device_dtype=self._device_dtype())
         self.model = self.backend.setup(model, self.tok)
+        self.device = getattr(self.backend, "device", torch.device("cpu"))
         self.context = context_length(self.model, r.model)
         self.autocast = getattr(self.backend, "autocast", None)
         self.ref_model = self._make_reference() if r.algorithm.kl_coef > 0 else None
@@ -305,7 +306,7 @@ class Trainer:
         return ro, correct, metrics
 
     def _forward(self, model, prompts, completions, *, grad: bool, entropy: bool = False):
-        packed = pack(prompts, completions, self.tok.pad_token_id)
+        packed = pack(prompts, completions, self.tok.pad_token_id).to(self.device)
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
             logp, ent = completion_logprobs(model, packed, autocast=self.autocast() if self.autocast else None,
@@ -326,7 +327,7 @@ class Trainer:
             logp, _, mask = self._forward(self.model, [ro.prompt_ids[i] for i in chunk],
                                           [ro.completion_ids[i] for i in chunk], grad=False)
             for k, i in enumerate(chunk):
-                anchors[i] = logp[k, : int(mask[k].sum())].detach()
+                anchors[i] = logp[k, : len(ro.completion_ids[i])].detach()
 
     def update(self, ro: Rollout, alpha: float, tau: float, anchors: dict[int, torch.Tensor]) -> dict[str, float]:
         """All optimizer steps of one rollout. Returns the step's averaged training metrics."""
@@ -378,8 +379,8 @@ class Trainer:
                     anchors[i] = logp[k, : len(ro.completion_ids[i])].detach().clone()
                 old[k, : anchors[i].shape[0]] = anchors[i][:width]
             ref = self._ref_logprobs(prompts, comps) if a.kl_coef > 0 else None
-            batch = LossBatch(logp=logp, logp_old=old, mask=mask, advantages=ro.advantages[chunk],
-                              group_ids=ro.group_ids[chunk], logp_ref=ref)
+            batch = LossBatch(logp=logp, logp_old=old, mask=mask, advantages=ro.advantages[chunk].to(self.device),
+                              group_ids=ro.group_ids[chunk].to(self.device), logp_ref=ref)
             loss, m = self.objective.fn(batch, a, ctx)
             if not torch.isfinite(loss):
                 finite = False
@@ -478,10 +479,12 @@ class Trainer:
         else:
             seq_lp = torch.tensor([sum(lp) / max(len(lp), 1) for lp in ro.engine_logprobs])
         vocab = int(getattr(self.model.config, "vocab_size", len(self.tok)))
-        sig = compute_signals(self.step, ro.rewards, ro.advantages, ro.group_ids, seq_lp, vocab, correct)
+        sig = compute_signals(self.step - 1, ro.rewards, ro.advantages, ro.group_ids, seq_lp, vocab, correct)
+        anchored = "tau" in self.objective.params  # apo/adpo: alpha and tau mean something
         alpha = self.alpha_schedule.step(sig) if self.objective.uses_alpha else 1.0
         tau = self.tau_schedule.step(sig)
         train_metrics = self.update(ro, alpha, tau, anchors)
+        train_metrics.update(_engine_mismatch(ro, anchors))
         sync_s = self.backend.sync_weights()
         t_end = time.perf_counter()
         lengths = [len(c) for c in ro.completion_ids]
@@ -492,8 +495,7 @@ class Trainer:
             **roll_metrics,
             **{k: v for k, v in vars(sig).items() if k != "step"},
             **train_metrics,
-            "alpha": alpha,
-            "tau": tau,
+            **({"alpha": alpha, "tau": tau} if anchored else {}),
             **(self.alpha_schedule.metrics() if self.objective.uses_alpha else {}),
             "completions/mean_length": sum(lengths) / len(lengths),
             "completions/min_length": min(lengths),
@@ -516,6 +518,21 @@ class Trainer:
             for i in range(min(k, len(ro.rewards) // self.G))
         ]
         return record, samples
+
+
+def _engine_mismatch(ro: Rollout, anchors: dict[int, torch.Tensor]) -> dict[str, float]:
+    """|engine log-prob − trainer log-prob| per token at the rollout weights (sampling/logprob_diff_*)."""
+    if ro.engine_logprobs is None or not anchors:
+        return {}
+    diffs = [
+        (torch.tensor(ro.engine_logprobs[i], dtype=torch.float32) - a.float().cpu()).abs()
+        for i, a in anchors.items()
+        if len(ro.engine_logprobs[i]) == a.numel() and a.numel()
+    ]
+    if not diffs:
+        return {}
+    d = torch.cat(diffs)
+    return {"sampling/logprob_diff_mean": float(d.mean()), "sampling/logprob_diff_max": float(d.max())}
 
 
 def _uses_chat_template(mode: str, tok) -> bool:

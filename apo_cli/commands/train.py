@@ -33,12 +33,11 @@ def train(
 
         apo train recipes/quickstart.yaml --resume
     """
-    from apo_cli.recipe import load_recipe
+    from apo_cli.recipe import load_recipe, with_values
     from apo_cli.train import train_from_recipe
 
-    extra = list(overrides or [])
+    r = load_recipe(recipe, list(overrides or []))
     if output_dir is not None:
-        extra.append(f"run.output_dir={output_dir}")
-    r = load_recipe(recipe, extra)
+        r = with_values(r, {"run.output_dir": str(output_dir)})
     train_from_recipe(r, resume=resume or resume_from is not None, resume_from=resume_from,
                       allow_recipe_change=allow_recipe_change)
