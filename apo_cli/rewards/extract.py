@@ -110,8 +110,8 @@ def extract_answer(text: str, *, fallback_last_number: bool = False) -> str | No
     """
     if not text:
         return None
-    if fallback_last_number and last_boxed(text) is None and not _ANSWER_TAG.search(text) \
-            and _phrase_answer(text) is None:
+    if fallback_last_number and not any(cmd in text for cmd in _BOX_COMMANDS) \
+            and not _ANSWER_TAG.search(text) and _phrase_answer(text) is None:
         return last_number(text)
     boxed = last_boxed(text)
     if boxed is not None:

@@ -144,3 +144,26 @@ def test_time_box_in_math_verify_reward_counts_timeouts():
     assert list(out) == [None]
     assert out.counts["timeouts"] == 1
     assert time.monotonic() - t0 < 20.0
+
+
+@pytest.mark.parametrize(
+    "completion,answer,expected",
+    [
+        ("5 + 6 = 11", "11", 1.0),  # no marker: the last number is the answer
+        ("11", "11", 1.0),
+        ("It is 1,234.", "1234", 1.0),
+        ("7 then 8", "7", 0.0),  # the last number counts, not the first
+        ("\\boxed{5} and then \\boxed{", "5", 0.0),  # an unclosed last box is no answer, no fallback
+        ("The answer is 3. Check: 3 + 1 = 4", "3", 1.0),  # an explicit phrase wins over the last number
+    ],
+)
+def test_exact_match_last_number_fallback(completion, answer, expected):
+    from apo_cli.rewards.builtin import exact_match
+
+    assert list(exact_match([completion], [answer])) == [expected]
+
+
+def test_exact_match_fallback_can_be_turned_off():
+    from apo_cli.rewards.builtin import exact_match
+
+    assert list(exact_match(["5 + 6 = 11"], ["11"], last_number=False)) == [0.0]

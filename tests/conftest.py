@@ -1,0 +1,35 @@
+"""Shared test setup. Keep this small: fixtures used by one module live in that module.
+
+Tests never reach the network: the Hugging Face libraries are put in offline mode before anything
+imports them, so a test that would download fails fast instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# built-in models (the tiny random model, the converted SmolLM2) are cached here for the session
+if "APO_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["APO_CACHE"] = os.path.join(tempfile.gettempdir(), "apo-test-cache")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def cli():
+    """Invoke the real `apo` Typer app in-process: ``cli("validate", "r.yaml")`` returns the Result."""
+    from typer.testing import CliRunner
+
+    from apo_cli.main import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, list(args), prog_name="apo")
+
+    return invoke
