@@ -16,7 +16,7 @@ def rendered():
     return docgen.rendered()
 
 
-@pytest.mark.parametrize("name", ["cli.md", "recipe.schema.json"])
+@pytest.mark.parametrize("name", ["cli.md", "recipe.schema.json", "recipe.md"])
 def test_generated_doc_is_current(rendered, name):
     path = docgen.DOCS_DIR / name
     assert path.is_file(), f"{path} is missing: {REGENERATE}"
@@ -50,3 +50,13 @@ def test_check_lists_stale_files(tmp_path, capsys, monkeypatch):
     assert "docs/cli.md" in err and "docs/recipe.schema.json" in err
     assert docgen.main([]) == 0
     assert docgen.main(["--check"]) == 0
+
+
+def test_recipe_reference_lists_every_field(rendered):
+    from apo_cli.recipe import AlgorithmSpec, RolloutSpec
+
+    text = rendered[docgen.DOCS_DIR / "recipe.md"]
+    for model in (AlgorithmSpec, RolloutSpec):
+        for name in model.model_fields:
+            assert f"| `{name}` |" in text, name
+    assert "## `algorithm.alpha`" in text and "## `backend (kind: gpu)`" in text
