@@ -1,10 +1,197 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
 from apo_cli.commands._common import guarded
-from apo_cli.errors import NotYetAvailable
+from apo_cli.commands.generate import (
+    BackendKind,
+    BackendOpt,
+    BatchOpt,
+    ChatOpt,
+    ChatTemplate,
+    GreedyOpt,
+    SeedOpt,
+    StopOpt,
+    SystemOpt,
+)
 
 
 @guarded
-def eval_() -> None:
-    """Score checkpoints on a dataset (not in this version yet)."""
-    raise NotYetAvailable("'apo eval' is not available in this version yet")
+def eval_(
+    models: Annotated[
+        list[str],
+        typer.Argument(help="Checkpoint folders, run directories (all their checkpoints), globs "
+                            "('runs/x/checkpoints/step-*'), hub ids or built-in aliases.", show_default=False),
+    ],
+    base: Annotated[bool, typer.Option("--base", help="Also evaluate the base model of each run, for reference.")] = False,
+    recipe: Annotated[
+        Path | None,
+        typer.Option("--recipe", "-r", help="Evaluate on this recipe's eval split with its rewards (default: the "
+                                            "run's own recipe when MODEL is a run or its checkpoint)."),
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="Evaluate on every row of this source instead: builtin:<task>, "
+                                                      "a .jsonl/.json/.parquet/.csv file, or a hub dataset.")
+    ] = None,
+    reward: Annotated[
+        list[str] | None,
+        typer.Option("--reward", help="With --data: reward name (repeatable; default exact_match).")
+    ] = None,
+    prompt_column: Annotated[str, typer.Option("--prompt-column", help="With --data: the problem column.")] = "prompt",
+    answer_column: Annotated[str, typer.Option("--answer-column", help="With --data: the reference answer column.")] = "answer",
+    chat_template: ChatOpt = ChatTemplate.auto,
+    system: SystemOpt = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate the first N problems only.")] = None,
+    k: Annotated[int | None, typer.Option("-k", min=1, help="Samples per problem for the @k metrics "
+                                                             "(default 4; 1 with --greedy).")] = None,
+    samples: Annotated[
+        int | None, typer.Option("--samples", "-n", min=1, help="Completions drawn per problem (>= k, default k); "
+                                                               "more samples make pass@k less noisy.")
+    ] = None,
+    greedy: GreedyOpt = False,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", "-t", help="Sampling temperature (default: the recipe's, else 1.0).")
+    ] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=0, help="Top-k sampling (0: off).")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", "-m", min=1, help="Longest completion (default: the recipe's, else 256).")
+    ] = None,
+    stop: StopOpt = None,
+    seed: SeedOpt = 0,
+    pass_threshold: Annotated[
+        float, typer.Option("--pass-threshold", help="Without a verifying reward: a sample is correct when its "
+                                                     "total reward reaches this.")
+    ] = 1.0,
+    backend: BackendOpt = BackendKind.cpu,
+    batch_size: BatchOpt = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
+    dump: Annotated[Path | None, typer.Option("--dump", help="Write every sample (completion, answer, "
+                                                             "correctness, reward) as JSONL here.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Sample everything again (the cache is rewritten).")] = False,
+) -> None:
+    """Score checkpoints on a dataset: mean@k, pass@k and maj@k with 95 % confidence intervals.
+
+    pass@k is the unbiased estimator 1 - C(n-c, k)/C(n, k) over n >= k samples; maj@k is the
+    majority vote over the extracted answers of k samples. Intervals are normal approximations over
+    problems (mean ± 1.96 s/√m). Results of a run's checkpoints are appended to the run's
+    eval.jsonl (shown by `apo inspect-alpha`). Finished problems are cached per model, data and
+    sampling settings, so an interrupted evaluation resumes where it stopped. --reward,
+    --prompt-column, --answer-column, --chat-template and --system apply to --data.
+
+    Examples:
+
+        apo eval runs/quickstart --base -k 8
+
+        apo eval 'runs/quickstart/checkpoints/step-*' --recipe recipes/quickstart.yaml --json
+
+        apo eval smollm2-135m-instruct --data problems.jsonl --reward math_verify --greedy --dump samples.jsonl
+    """
+    from apo_cli.errors import UsageError
+    from apo_cli.evaluation import (
+        EvalSettings,
+        append_run_record,
+        dump_samples,
+        evaluate,
+        expand_models,
+        record,
+        task_from_recipe,
+        task_from_source,
+    )
+    from apo_cli.generation import progress, unescape
+
+    if recipe is not None and data is not None:
+        raise UsageError("give --recipe or --data, not both")
+    if reward and data is None:
+        raise UsageError("--reward goes with --data (a recipe brings its own rewards)")
+    k = k or (1 if greedy else 4)
+    if greedy and k > 1:
+        raise UsageError(f"--greedy gives one completion per problem; -k {k} needs sampling")
+    n = samples or k
+    if n < k:
+        raise UsageError(f"--samples {n} is fewer than -k {k}")
+
+    resolved = expand_models(list(models), base=base)
+    r, recipe_path = _recipe(recipe, data, resolved)
+    if data is not None:
+        task = task_from_source(data, list(reward or ["exact_match"]), prompt_column=prompt_column,
+                                answer_column=answer_column, chat_template=chat_template.value, system=system,
+                                limit=limit)
+    else:
+        task = task_from_recipe(r, recipe_path, limit)
+    ro = r.rollout if r is not None else None
+    settings = EvalSettings(
+        k=k, samples=n, greedy=greedy,
+        temperature=temperature if temperature is not None else (ro.temperature if ro else 1.0),
+        top_p=top_p if top_p is not None else (ro.top_p if ro else 1.0),
+        top_k=top_k if top_k is not None else (ro.top_k if ro else 0),
+        max_new_tokens=max_new_tokens or (ro.max_new_tokens if ro else 256),
+        stop=tuple(unescape(x) for x in stop) if stop else (tuple(ro.stop) if ro else ()),
+        seed=seed, batch_size=batch_size, pass_threshold=pass_threshold,
+    )
+    if not greedy and settings.temperature <= 0:
+        raise UsageError("--temperature must be > 0 (use --greedy for deterministic decoding)")
+
+    results, records = [], []
+    bar, task_id = progress(len(task.examples) * len(resolved), "evaluating")
+    with bar:
+        for m in resolved:
+            bar.update(task_id, description=f"evaluating {m.label}")
+            res = evaluate(m, task, settings, backend=backend.value, use_cache=not no_cache,
+                           advance=lambda c: bar.advance(task_id, c))
+            rec = record(res, task, settings)
+            append_run_record(res, rec)
+            results.append(res)
+            records.append(rec)
+    if dump is not None:
+        dump_samples(dump, results)
+    if as_json:
+        typer.echo(json.dumps(records, indent=1))
+    else:
+        _table(records, task.label, settings)
+
+
+def _recipe(recipe: Path | None, data: str | None, resolved):
+    """The recipe whose eval split and rewards are used: --recipe, else the run's own (when one run)."""
+    from apo_cli.errors import UsageError
+    from apo_cli.recipe import load_recipe
+
+    if recipe is not None:
+        return load_recipe(recipe), str(recipe)
+    if data is not None:
+        return None, ""
+    runs = list(dict.fromkeys(m.run_dir for m in resolved if m.run_dir is not None))
+    if len(runs) == 1 and (runs[0] / "recipe.yaml").is_file():
+        return load_recipe(runs[0] / "recipe.yaml"), str(runs[0] / "recipe.yaml")
+    raise UsageError("which problems? give --recipe R.yaml (its eval split) or --data SOURCE")
+
+
+def _table(records: list[dict], data_label: str, settings) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    names = list(records[0]["metrics"]) if records else []
+    best = {name: max(rec["metrics"][name]["value"] for rec in records) for name in names}
+    mode = "greedy" if settings.greedy else f"T={settings.temperature:g}"
+    table = Table(title=f"{escape(data_label)}: {records[0]['problems'] if records else 0} problems, "
+                        f"k={settings.k}, n={settings.samples}, {mode}",
+                  caption="± : 95 % normal-approximation interval over problems; best per column in bold")
+    table.add_column("model")
+    for name in names:
+        table.add_column(name, justify="right")
+    for rec in records:
+        cells = []
+        for name in names:
+            m = rec["metrics"][name]
+            half = (m["ci_high"] - m["ci_low"]) / 2
+            text = f"{m['value']:.3f} ±{half:.3f}"
+            top = len(records) > 1 and m["value"] == best[name] and not all(
+                r["metrics"][name]["value"] == best[name] for r in records)
+            cells.append(f"[bold green]{text}[/]" if top else text)
+        table.add_row(escape(rec["model"]), *cells)
+    Console(highlight=False).print(table)
