@@ -84,7 +84,7 @@ class ModelSpec(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     tokenizer: str | None = Field(None, description="Tokenizer id or path when it differs from the model's.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype for training (auto: float32 on CPU, bfloat16 on GPU)."
+        "auto", description="Dtype of the trained (master) weights. auto: float32; compute runs in the backend's dtype under autocast."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless you trust it.")
     lora: LoraSpec | None = Field(None, description="Train a LoRA adapter instead of all weights.")
@@ -310,9 +310,9 @@ class GPUBackendSpec(Section):
     kind: Literal["gpu"] = "gpu"
     rollout: Literal["vllm", "hf"] = Field("vllm", description="Rollout engine: vllm, or transformers generate.")
     gpu_memory_utilization: float = Field(0.35, gt=0, le=0.95, description="vLLM: share of GPU memory for the engine.")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: tensor-parallel degree.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: tensor-parallel degree (above 1 needs torchrun).")
     sleep_mode: bool = Field(True, description="vLLM: free the KV cache while training, wake before rollouts.")
-    max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: prompt + new tokens).")
+    max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's context length).")
     enforce_eager: bool = Field(False, description="vLLM: disable CUDA graphs.")
 
 

