@@ -9,10 +9,19 @@ A run directory holds::
                              + trainer_state.json (step, data position, schedule states)
                              + optimizer.pt (optimizer, LR scheduler, RNG states; weights_only-safe)
                              + checksums.json (sha256 of every file, written last)
+    .lock                    flock held by the training process (one process per run directory)
 
-A checkpoint is written into a hidden temporary folder beside its final name and renamed into
-place only when complete, so a kill at any moment leaves the previous checkpoints intact. A
-checkpoint whose checksums do not match is reported and skipped in favour of the previous one.
+A checkpoint is written into a hidden temporary folder beside its final name (every file fsynced)
+and renamed into place only when complete, so a kill at any moment leaves the previous checkpoints
+intact; a temporary folder left by a kill is removed when the run is resumed. A checkpoint whose
+checksums do not match is reported and skipped in favour of the previous one. A failed write (disk
+full, permissions) removes its temporary folder and raises :class:`CheckpointError`.
+
+Checkpoints form one timeline: writing ``step-N`` removes any ``step-M`` with M > N (left by a run
+that was resumed from an earlier or a fallback checkpoint), then prunes to the newest ``keep_last``.
+
+Fault injection (tests only): ``APO_FAULT_SLOW_CHECKPOINT=<seconds>`` sleeps that long after each
+file of a checkpoint is written, so a test can kill the process in the middle of a write.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +43,9 @@ CKPT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
 SUMS_FILE = "checksums.json"
+TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_REQUIRED = (STATE_FILE, OPTIM_FILE)
 
 
 def _sha256(path: Path) -> str:
@@ -55,13 +67,28 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def verify_checkpoint(path: Path) -> None:
     """Raise CheckpointError when ``path`` is not a complete, intact checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a folder")
     sums_path = path / SUMS_FILE
     if not sums_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {SUMS_FILE} is missing")
+        hint = "it is a run directory: use --resume" if (path / CKPT_DIR).is_dir() else None
+        raise CheckpointError(f"checkpoint {path} is incomplete: {SUMS_FILE} is missing", hint=hint)
     try:
         sums = json.loads(sums_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {path}: {SUMS_FILE} is corrupted") from None
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise CheckpointError(f"checkpoint {path}: {SUMS_FILE} is corrupted (not a mapping of file names to digests)")
+    for name in sums:
+        if Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"checkpoint {path}: {SUMS_FILE} names {name!r}, which is not a file of the checkpoint")
+    missing = [n for n in _REQUIRED if n not in sums] + ([] if any(n.endswith(".safetensors") for n in sums)
+                                                         else ["*.safetensors"])
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {SUMS_FILE} lists no {', '.join(missing)}")
     for name, digest in sums.items():
         f = path / name
         if not f.is_file():
@@ -93,39 +120,145 @@ class CheckpointPayload:
 
 
 def write_checkpoint(run_dir: Path, payload: CheckpointPayload, keep_last: int) -> Path:
-    """Write ``checkpoints/step-N`` atomically and prune to the newest ``keep_last``."""
+    """Write ``checkpoints/step-N`` atomically, drop later steps and prune to the newest ``keep_last``."""
     import torch
 
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step-{payload.step}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{payload.step}-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}step-{payload.step}-", dir=root))
+        os.chmod(tmp, _dir_mode())  # mkdtemp makes it private (0700); a checkpoint is an ordinary folder
     except OSError as e:
         raise CheckpointError(f"cannot write a checkpoint in {root}: {e.strerror or e}") from None
     try:
         payload.model.save_pretrained(tmp, safe_serialization=True)
+        _fault_pause()
         payload.tokenizer.save_pretrained(tmp)
+        _fault_pause()
         (tmp / STATE_FILE).write_text(json.dumps(payload.trainer_state, indent=1, sort_keys=True))
+        _fault_pause()
         torch.save(payload.torch_state, tmp / OPTIM_FILE)
-        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        _fault_pause()
+        files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+        for f in files:
+            _fsync_file(f)
+        sums = {f.name: _sha256(f) for f in files}
         (tmp / SUMS_FILE).write_text(json.dumps(sums, indent=1))
+        _fsync_file(tmp / SUMS_FILE)
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _replace_dir(tmp, final)
         _fsync_dir(root)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if isinstance(e, Exception):
+            # disk full surfaces as OSError, SafetensorError or RuntimeError (torch's zip writer)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
             raise CheckpointError(
-                f"could not write checkpoint step-{payload.step} in {root}: {e.strerror or e}; "
-                "the previous checkpoints are intact"
+                f"could not write checkpoint step-{payload.step} in {root}: {why}; the previous checkpoints are intact"
             ) from None
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(run_dir, payload.step, keep_last)
     return final
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, never left half-deleted."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(run_dir: Path, step: int, keep_last: int) -> None:
+    found = list_checkpoints(run_dir)
+    later = [p for p in found if _step_of(p) > step]  # an abandoned continuation of this run
+    earlier = [p for p in found if _step_of(p) <= step]
+    for old in later + earlier[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _dir_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _fault_pause() -> None:
+    """Test hook: APO_FAULT_SLOW_CHECKPOINT=<seconds> widens the window in which a kill lands mid-write."""
+    delay = os.environ.get("APO_FAULT_SLOW_CHECKPOINT")
+    if delay:
+        time.sleep(float(delay))
+
+
+def remove_stale_temp(run_dir: Path) -> list[Path]:
+    """Remove the temporary files and folders a killed run left behind; return what was removed."""
+    run_dir = Path(run_dir)
+    stale = [p for p in (run_dir / CKPT_DIR).glob(f"{TMP_PREFIX}*")] if (run_dir / CKPT_DIR).is_dir() else []
+    stale += [p for p in run_dir.glob(".*.tmp") if p.is_file()] if run_dir.is_dir() else []
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of a training process (POSIX flock).
+
+    Two processes training into one run directory would interleave metrics and checkpoints; the
+    second gets a RunDirError. The kernel drops the lock when its process dies, even on SIGKILL.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return self
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"cannot write in run directory {self.path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise RunDirError(f"run directory {self.path.parent} is in use by another apo process") from None
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
+        return False
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -162,18 +295,22 @@ def load_weights_into(model: Any, path: Path) -> None:
     from safetensors.torch import load_file
 
     adapter = path / "adapter_model.safetensors"
-    if adapter.is_file():
-        from peft import set_peft_model_state_dict
+    try:
+        if adapter.is_file():
+            from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(str(adapter)))
-        return
-    files = sorted(path.glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"checkpoint {path} holds no model weights (*.safetensors)")
-    state: dict[str, Any] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+            set_peft_model_state_dict(model, load_file(str(adapter)))
+            return
+        files = sorted(path.glob("model*.safetensors"))
+        if not files:
+            raise CheckpointError(f"checkpoint {path} holds no model weights (*.safetensors)")
+        state: dict[str, Any] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError, OSError) as e:  # shape mismatch, unreadable file
+        detail = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {detail}") from None
     # tied embeddings are saved once; anything else missing is a real mismatch
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
@@ -200,30 +337,48 @@ def recipe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
 
 
 # Fields that may change on --resume with --allow-recipe-change: they do not change what was
-# computed so far, only how the rest of the run is run, logged or saved.
+# computed so far, only how long the rest of the run is and how it is run, logged or saved.
+# Everything else (model, data, rewards, rollout, algorithm, optimizer, seed, dtypes) changes the
+# run itself and is refused even with the flag. logging.metrics_file is not here: a new name would
+# split one run's metrics over two files.
 SAFE_TO_CHANGE = (
     "run.max_steps",
     "run.epochs",
-    "checkpoint.",
-    "logging.",
+    "checkpoint.every",
+    "checkpoint.keep_last",
+    "checkpoint.resume",
+    "logging.tensorboard",
+    "logging.dashboard",
+    "logging.samples_per_step",
     "backend.threads",
+    "backend.gpu_memory_utilization",
+    "backend.sleep_mode",
     "optim.max_consecutive_skips",
 )
 
 
-def check_run_dir(run_dir: Path, recipe_dump: dict[str, Any], *, resume: bool, allow_change: bool) -> None:
-    """Refuse to mix runs: a run dir holding another run needs --resume (same recipe) or a new dir."""
+def check_run_dir(run_dir: Path, recipe_dump: dict[str, Any], *, resume: bool, allow_change: bool,
+                  resume_from: Path | None = None) -> None:
+    """Refuse to mix runs: a run dir holding another run needs --resume (same recipe) or a new dir.
+
+    ``resume_from`` (a checkpoint named on the command line) may start a new run directory from it.
+    """
     import yaml
 
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} is a file, not a folder")
     existing = run_dir / "recipe.yaml"
     if not existing.is_file():
-        if resume and not list_checkpoints(run_dir):
-            raise RunDirError(f"nothing to resume in {run_dir}: it holds no run")
+        if resume and resume_from is None and not list_checkpoints(run_dir):
+            raise RunDirError(f"nothing to resume in {run_dir}: it holds no run",
+                              hint="drop --resume to start it, or point run.output_dir / --output-dir at the run")
         return
     try:
-        old = yaml.safe_load(existing.read_text()) or {}
-    except yaml.YAMLError:
+        old = yaml.safe_load(existing.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
         raise RunDirError(f"{existing} is not valid YAML; move the run directory away or choose another") from None
+    if not isinstance(old, dict):
+        raise RunDirError(f"{existing} is not a recipe; move the run directory away or choose another")
     changed = [p for p in recipe_diff(old, recipe_dump) if p != "run.output_dir"]
     if not resume:
         what = "another recipe's run" if changed else "a run of this recipe"
@@ -231,23 +386,35 @@ def check_run_dir(run_dir: Path, recipe_dump: dict[str, Any], *, resume: bool, a
             f"run directory {run_dir} already holds {what}",
             hint="use --resume to continue it, or set run.output_dir / --output-dir to a new folder",
         )
-    if changed:
-        unsafe = [p for p in changed if not _safe(p)]
-        if unsafe or not allow_change:
-            listed = ", ".join(changed)
-            if not allow_change:
-                raise RunDirError(
-                    f"the recipe differs from the run's in: {listed}",
-                    hint="resume with the same recipe, or pass --allow-recipe-change (safe fields only)",
-                )
-            raise RunDirError(f"these changed fields are not safe to change on resume: {', '.join(unsafe)}")
+    unsafe = [p for p in changed if not _safe(p)]
+    if unsafe:
+        safe = [p for p in changed if _safe(p)]
+        also = f" (and in {', '.join(safe)}, which may change with --allow-recipe-change)" if safe else ""
+        raise RunDirError(
+            f"the recipe differs from the run's in fields that cannot change on resume: {', '.join(unsafe)}{also}",
+            hint=f"resume with the run's recipe, saved as {existing}, or start a new run directory",
+        )
+    if changed and not allow_change:
+        raise RunDirError(
+            f"the recipe differs from the run's in: {', '.join(changed)}",
+            hint="pass --allow-recipe-change to accept these (they are safe to change)",
+        )
 
 
 def _safe(path: str) -> bool:
-    return any(path.startswith(s) if s.endswith(".") else path == s for s in SAFE_TO_CHANGE)
+    return path in SAFE_TO_CHANGE
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``path`` through a fsynced temporary file beside it; RunDirError (nothing left) on failure."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None

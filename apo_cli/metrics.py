@@ -39,18 +39,13 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> None:
         """Drop lines of steps > ``step`` (they are redone after a resume)."""
-        if not self.path.exists():
-            return
-        kept = [r for r in read_metrics(self.path, warn=None) if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        truncate_jsonl_after(self.path, step)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._fh is None:
-            self._fh = self.path.open("a", encoding="utf-8")
         clean = {k: _clean(v) for k, v in record.items()}
         try:
+            if self._fh is None:
+                self._fh = self.path.open("a", encoding="utf-8")
             self._fh.write(json.dumps(clean) + "\n")
             self._fh.flush()
             os.fsync(self._fh.fileno())
@@ -70,10 +65,39 @@ class MetricsWriter:
             self._tb.close()
 
 
+def truncate_jsonl_after(path: Path, step: int) -> None:
+    """Keep only the lines of ``path`` whose ``step`` is <= ``step`` (and drop broken lines), atomically.
+
+    A kill while a line was being appended leaves a partial last line; it is dropped here too.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        kept = [r for r in read_metrics(path, warn=None) if _step(r) <= step]
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        raise RunDirError(f"cannot rewrite {path}: {e.strerror or e}") from None
+
+
+def _step(record: dict[str, Any]) -> int:
+    try:
+        return int(record.get("step", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 def read_metrics(path: Path, warn=print) -> list[dict[str, Any]]:
     """Read a metrics.jsonl; a truncated or broken line is skipped and ``warn`` is told its number."""
     out = []
-    with Path(path).open(encoding="utf-8") as f:
+    with Path(path).open(encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -234,6 +234,10 @@ def load_model(
         raise ModelError(f"cannot load model {name_or_path!r}: {_first_line(e)}", hint=hint) from None
     except ValueError as e:
         raise ModelError(f"cannot load model {name_or_path!r}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. safetensors' SafetensorError on a corrupted weights file
+        if type(e).__name__ not in ("SafetensorError", "HeaderTooLarge", "RuntimeError", "EOFError"):
+            raise
+        raise ModelError(f"cannot load model {name_or_path!r}: corrupted weights ({_first_line(e)})") from None
     return model
 
 
@@ -259,13 +263,19 @@ def apply_lora(model, lora_spec):
         target_modules=lora_spec.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, cfg)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:  # peft's NoMatchingPeftModuleError is a ValueError
+        raise ModelError(f"model.lora.target_modules: {_first_line(e)}") from None
 
 
 def load_policy(spec, *, seed: int = 0, device_dtype: str = "float32"):
     """Load (model, tokenizer, resolved_path) for a recipe's ``model`` section."""
     quiet_transformers()
     path = resolve_model_path(spec.name_or_path, seed)
+    for field, value in (("model.name_or_path", path), ("model.tokenizer", spec.tokenizer)):
+        if value and _looks_local(value) and not Path(value).expanduser().exists():
+            raise ModelError(f"{field}: path {value} does not exist")
     dtype = device_dtype if spec.dtype == "auto" else spec.dtype
     tok = load_tokenizer(
         resolve_model_path(spec.tokenizer, seed) if spec.tokenizer else path,

@@ -22,13 +22,22 @@ One *step* is one rollout and the updates made from it:
 5. **Sync, log, checkpoint.** ``backend.sync_weights()``; one metrics line; a checkpoint every
    ``checkpoint.every`` steps and at the end (atomic, the last K kept).
 
+Stopping. SIGINT/SIGTERM finish the step, save and exit 130/143 (a second signal aborts at once).
+An error in a step's rollout or rewards (before its update) saves the last completed step first,
+so no finished step is lost; a kill at any moment loses at most the steps since the last
+checkpoint. ``--resume`` restores weights, optimizer, LR schedule, RNG, data position and schedule
+states, and cuts metrics.jsonl / samples.jsonl back to the checkpoint's step: on CPU a resumed run
+equals an uninterrupted one.
+
 Every name a recipe uses (objective, schedule, reward, backend) goes through a registry; the loop
 never special-cases one.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import signal
 import time
@@ -44,18 +53,29 @@ from apo_cli.algo.schedules import TauSchedule, compute_signals, make_alpha_sche
 from apo_cli.batching import completion_logprobs, pack
 from apo_cli.checkpoint import (
     CheckpointPayload,
+    RunLock,
+    atomic_write_text,
     check_run_dir,
     latest_good_checkpoint,
     load_weights_into,
     read_torch_state,
     read_trainer_state,
+    remove_stale_temp,
     verify_checkpoint,
     write_checkpoint,
-    atomic_write_text,
 )
 from apo_cli.dashboard import make_dashboard
-from apo_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ApoError, Interrupted, TrainingError
-from apo_cli.metrics import MetricsWriter
+from apo_cli.data import uses_chat_template
+from apo_cli.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    ApoError,
+    CheckpointError,
+    Interrupted,
+    RunDirError,
+    TrainingError,
+)
+from apo_cli.metrics import MetricsWriter, truncate_jsonl_after
 from apo_cli.recipe import Recipe, recipe_to_yaml
 from backends import SamplingParams, create_backend
 
@@ -151,10 +171,12 @@ class Trainer:
 
         self.recipe = r = recipe
         self.run_dir = r.resolved_output_dir()
-        dump = r.model_dump(mode="json")
-        check_run_dir(self.run_dir, dump, resume=resume or r.checkpoint.resume == "auto" and self._has_run(),
-                      allow_change=allow_recipe_change)
-        self.resume = resume or (r.checkpoint.resume == "auto" and self._has_run())
+        if resume_from is not None:
+            verify_checkpoint(Path(resume_from))  # a missing or corrupted checkpoint fails before anything loads
+        self.resume = resume or resume_from is not None or (r.checkpoint.resume == "auto" and self._has_run())
+        check_run_dir(self.run_dir, r.model_dump(mode="json"), resume=self.resume, allow_change=allow_recipe_change,
+                      resume_from=resume_from)
+        _check_creatable(self.run_dir)
         self.resume_from = resume_from
         self.G = r.rollout.group_size
         self.objective = get_objective(r.algorithm.objective)
@@ -164,6 +186,7 @@ class Trainer:
         if not self.examples:
             raise ApoError(f"no training examples from {r.data.source} after filters and limits")
         self.rewards = RewardSet(r.rewards)
+        _preflight(r)
         self.max_steps = r.run.max_steps or max(1, math.ceil(r.run.epochs * len(self.examples) / r.rollout.prompts_per_step))
 
         _seed_everything(r.run.seed)
@@ -186,6 +209,8 @@ class Trainer:
         self.skipped_total = 0
         self.consecutive_skips = 0
         self.truncated_prompts = 0
+        self._last_saved, self._last_path = 0, None
+        self._phase = "rollout"  # "update" once a step starts changing the weights
 
     # -- setup helpers ----------------------------------------------------------------------------
 
@@ -193,7 +218,8 @@ class Trainer:
         return (self.run_dir / "recipe.yaml").is_file()
 
     def _device_dtype(self) -> str:
-        return "bfloat16" if self.recipe.backend.kind == "gpu" else "float32"
+        # model.dtype auto: fp32 master weights everywhere; the backend computes in its dtype under autocast
+        return "float32"
 
     def _make_reference(self):
         import copy
@@ -224,8 +250,8 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------------
 
-    def _state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        trainer_state = {
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
             "step": self.step,
             "max_steps": self.max_steps,
             "data": self.order.state_dict(),
@@ -233,40 +259,49 @@ class Trainer:
             "tau_schedule": self.tau_schedule.state_dict(),
             "skipped_total": self.skipped_total,
             "consecutive_skips": self.consecutive_skips,
+            "truncated_prompts": self.truncated_prompts,
             "base_model": self.model_path,
             "objective": self.recipe.algorithm.objective,
         }
-        torch_state = {
+
+    def _torch_state(self, rng: torch.Tensor | None = None) -> dict[str, Any]:
+        return {
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state() if rng is None else rng,
         }
-        return trainer_state, torch_state
 
-    def save(self) -> Path:
-        ts, tt = self._state()
+    def save(self, trainer_state: dict[str, Any] | None = None, rng: torch.Tensor | None = None) -> Path:
+        """Checkpoint the current state, or ``trainer_state`` + ``rng`` taken before the running step."""
+        ts = trainer_state or self._trainer_state()
         path = write_checkpoint(
             self.run_dir,
-            CheckpointPayload(self.step, self.model, self.tok, ts, tt),
+            CheckpointPayload(int(ts["step"]), self.model, self.tok, ts, self._torch_state(rng)),
             keep_last=self.recipe.checkpoint.keep_last,
         )
-        self._last_saved = self.step
+        self._last_saved, self._last_path = int(ts["step"]), path
         return path
 
-    def restore(self, path: Path) -> None:
-        verify_checkpoint(path)
+    def restore(self, path: Path, *, verified: bool = False) -> None:
+        if not verified:
+            verify_checkpoint(path)
         ts = read_trainer_state(path)
         tt = read_torch_state(path)
         load_weights_into(self.model, path)
-        self.optimizer.load_state_dict(tt["optimizer"])
-        self.lr_scheduler.load_state_dict(tt["lr_scheduler"])
-        torch.set_rng_state(tt["torch_rng"])
-        self.step = int(ts["step"])
-        self.order.load_state_dict(ts["data"])
-        self.alpha_schedule.load_state_dict(ts["alpha_schedule"])
-        self.tau_schedule.load_state_dict(ts["tau_schedule"])
+        try:
+            self.optimizer.load_state_dict(tt["optimizer"])
+            self.lr_scheduler.load_state_dict(tt["lr_scheduler"])
+            torch.set_rng_state(tt["torch_rng"])
+            self.step = int(ts["step"])
+            self.order.load_state_dict(ts["data"])
+            self.alpha_schedule.load_state_dict(ts["alpha_schedule"])
+            self.tau_schedule.load_state_dict(ts["tau_schedule"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            what = f"missing {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {what}") from None
         self.skipped_total = int(ts.get("skipped_total", 0))
         self.consecutive_skips = int(ts.get("consecutive_skips", 0))
+        self.truncated_prompts = int(ts.get("truncated_prompts", 0))
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -275,7 +310,7 @@ class Trainer:
         idx = self.order.take(r.rollout.prompts_per_step)
         examples = [self.examples[i] for i in idx]
         texts = [self._render(ex) for ex in examples]
-        add_special = not _uses_chat_template(r.data.chat_template, self.tok)
+        add_special = not uses_chat_template(r.data, self.tok)  # chat templates carry their own BOS
         prompt_ids = []
         for t in texts:
             ids = self.tok(t, add_special_tokens=add_special).input_ids
@@ -416,58 +451,96 @@ class Trainer:
 
     def train(self) -> Path | None:
         r = self.recipe
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsWriter(self.run_dir / r.logging.metrics_file,
-                                self.run_dir / "tb" if r.logging.tensorboard else None)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot create run directory {self.run_dir}: {e.strerror or e}") from None
         dash = make_dashboard(r.logging.dashboard, r.run.name, self.max_steps)
-        notes: list[str] = []
+        with RunLock(self.run_dir):
+            notes = self._start()
+            if self.step >= self.max_steps:
+                dash.message(f"run {r.run.name} is already finished ({self.step}/{self.max_steps} steps)")
+                return latest_good_checkpoint(self.run_dir)
+            metrics = MetricsWriter(self.run_dir / r.logging.metrics_file,
+                                    self.run_dir / "tb" if r.logging.tensorboard else None)
+            with _StopFlag() as stop, dash:
+                for n in notes:
+                    dash.message(n, "yellow")
+                try:
+                    self._loop(metrics, dash, stop)
+                finally:
+                    metrics.close()
+        dash.message(f"done: {self.step} steps; final checkpoint {self._last_path}")
+        return self._last_path
+
+    def _start(self) -> list[str]:
+        """Clean up after a killed run, restore the state to resume from, cut the logs back to it."""
+        notes = []
+        if remove_stale_temp(self.run_dir):
+            notes.append("removed the partial files of an interrupted checkpoint or log write")
         if self.resume:
+            # both were verified already: the --resume-from one in __init__, the latest good one here
             ckpt = self.resume_from or latest_good_checkpoint(self.run_dir, warn=notes.append)
             if ckpt is None:
                 notes.append(f"no checkpoint in {self.run_dir}: starting from step 0")
-                metrics.truncate_after(0)
             else:
-                self.restore(Path(ckpt))
-                metrics.truncate_after(self.step)
+                self.restore(Path(ckpt), verified=True)
                 notes.append(f"resumed from {ckpt} at step {self.step}")
-        atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(r))
+        if self.step >= self.max_steps:  # finished: leave the run directory as it is
+            return notes
+        # lines of steps after the checkpoint are redone: drop them so each step is logged once
+        truncate_jsonl_after(self.run_dir / self.recipe.logging.metrics_file, self.step)
+        truncate_jsonl_after(self.run_dir / "samples.jsonl", self.step)
+        atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
         self._last_saved = self.step
-        if self.step >= self.max_steps:
-            dash.message(f"run {r.run.name} is already finished ({self.step}/{self.max_steps} steps)")
-            metrics.close()
-            return latest_good_checkpoint(self.run_dir)
+        return notes
+
+    def _loop(self, metrics: MetricsWriter, dash, stop: _StopFlag) -> None:
+        r = self.recipe
         samples_path = self.run_dir / "samples.jsonl"
-        with _StopFlag() as stop, dash:
-            for n in notes:
-                dash.message(n, "yellow")
+        while self.step < self.max_steps:
+            before = json.loads(json.dumps(self._trainer_state())), torch.get_rng_state()
             try:
-                while self.step < self.max_steps:
-                    record, samples = self._one_step()
-                    metrics.write(record)
-                    _append_samples(samples_path, samples)
-                    dash.update(record, samples)
-                    if self.consecutive_skips >= r.optim.max_consecutive_skips:
-                        path = self.save()
-                        raise TrainingError(
-                            f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient; "
-                            f"stopped at step {self.step} (weights untouched since the last good step, saved in {path})",
-                            hint="lower optim.lr or check the rewards",
-                        )
-                    if stop.signum is not None:
-                        path = self.save()
-                        code = EXIT_TERMINATED if stop.signum == signal.SIGTERM else EXIT_INTERRUPTED
-                        raise Interrupted(f"stopped at step {self.step}; saved {path} (resume with --resume)", code)
-                    if self.step % r.checkpoint.every == 0 or self.step == self.max_steps:
-                        self.save()
-            finally:
-                metrics.close()
-        last = latest_good_checkpoint(self.run_dir)
-        dash.message(f"done: {self.step} steps; final checkpoint {last}")
-        return last
+                record, samples = self._one_step()
+            except Exception:
+                self._save_before_failure(*before, dash=dash)
+                raise
+            metrics.write(record)
+            _append_samples(samples_path, samples)
+            dash.update(record, samples)
+            if self.consecutive_skips >= r.optim.max_consecutive_skips:
+                path = self.save()
+                raise TrainingError(
+                    f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient; "
+                    f"stopped at step {self.step} (weights untouched since the last good step, saved in {path})",
+                    hint="lower optim.lr or check the rewards",
+                )
+            if stop.signum is not None:
+                path = self.save()
+                code = EXIT_TERMINATED if stop.signum == signal.SIGTERM else EXIT_INTERRUPTED
+                name = "SIGTERM" if stop.signum == signal.SIGTERM else "SIGINT"
+                raise Interrupted(f"{name}: stopped at step {self.step}; saved {path} (resume with --resume)", code)
+            if self.step % r.checkpoint.every == 0 or self.step == self.max_steps:
+                self.save()
+
+    def _save_before_failure(self, trainer_state: dict[str, Any], rng: torch.Tensor, *, dash) -> None:
+        """A step failed before its update: the weights are still those of the last completed step,
+        so checkpoint that step (with the data position and RNG from before the failed step)."""
+        done = int(trainer_state["step"])
+        if self._phase != "rollout" or done <= self._last_saved:
+            return
+        self.step = done
+        try:
+            path = self.save(trainer_state, rng)
+        except ApoError as e:
+            dash.message(f"could not save step {done} before stopping: {e}", "red")
+            return
+        dash.message(f"saved {path} (the last completed step) before stopping; resume with --resume", "yellow")
 
     def _one_step(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         r = self.recipe
         t0 = time.perf_counter()
+        self._phase = "rollout"
         self.step += 1
         torch.manual_seed(_step_seed(r.run.seed, self.step))
         ro, correct, roll_metrics = self.rollout()
@@ -483,6 +556,7 @@ class Trainer:
         anchored = "tau" in self.objective.params  # apo/adpo: alpha and tau mean something
         alpha = self.alpha_schedule.step(sig) if self.objective.uses_alpha else 1.0
         tau = self.tau_schedule.step(sig)
+        self._phase = "update"
         train_metrics = self.update(ro, alpha, tau, anchors)
         train_metrics.update(_engine_mismatch(ro, anchors))
         sync_s = self.backend.sync_weights()
@@ -535,18 +609,43 @@ def _engine_mismatch(ro: Rollout, anchors: dict[int, torch.Tensor]) -> dict[str,
     return {"sampling/logprob_diff_mean": float(d.mean()), "sampling/logprob_diff_max": float(d.max())}
 
 
-def _uses_chat_template(mode: str, tok) -> bool:
-    return mode == "on" or (mode == "auto" and bool(getattr(tok, "chat_template", None)))
+def _preflight(recipe: Recipe) -> None:
+    """Warnings and errors of the preflight checks (apo validate --preflight); errors stop the run here."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from apo_cli.errors import DataError
+    from apo_cli.preflight import run_preflight
+
+    findings = run_preflight(recipe)
+    errors = [f.message for f in findings if f.level == "error"]
+    if errors:  # one line, like every other error
+        raise DataError(errors[0] + (f" (and {len(errors) - 1} more: apo validate --preflight)" if len(errors) > 1 else ""))
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    for f in findings:
+        if f.level == "warning":
+            console.print(f"[yellow]warning:[/yellow] {escape(f.message)}")
 
 
 def _append_samples(path: Path, samples: list[dict[str, Any]]) -> None:
     if not samples:
         return
-    import json
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(s) + "\n" for s in samples))
+    except OSError as e:
+        raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
 
-    with path.open("a", encoding="utf-8") as f:
-        for s in samples:
-            f.write(json.dumps(s) + "\n")
+
+def _check_creatable(run_dir: Path) -> None:
+    """RunDirError now, before a model is loaded, when the run directory cannot be created or written."""
+    p = run_dir.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise RunDirError(f"cannot create run directory {run_dir}: {p} is a file")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot create run directory {run_dir}: {p} is not writable")
 
 
 def train_from_recipe(recipe: Recipe, *, resume: bool = False, resume_from: Path | None = None,

@@ -37,8 +37,8 @@ def source_kind(source: str) -> str:
     """'builtin', 'file' or 'hub' for a ``data.source`` value."""
     if source.startswith("builtin:"):
         return "builtin"
-    if source.lower().endswith(FILE_SUFFIXES):
-        return "file"
+    if source.lower().endswith(FILE_SUFFIXES) or Path(source).is_file():
+        return "file"  # an existing file with another extension gets read_file's "unsupported type"
     return "hub"
 
 

@@ -15,7 +15,9 @@ Failure policy, chosen so that one bad completion never stops a run but a broken
   first traceback is printed once. (An overrunning thread cannot be killed; it is abandoned.)
 - math_verify and reference take one call per step and time-box each sample themselves in
   killable worker processes, so a pathological expression costs at most ``timeout_s``.
-- Returning the wrong type or length, or a non-finite number, is a bug in the reward: RewardError.
+- Returning something other than a list, or a list of the wrong length, is a bug in the reward:
+  RewardError naming it. A single bad value (non-finite, or not a number) is isolated: that sample
+  scores None and is counted (``bad_values``), and the first one is reported once.
 - A reward that fails (error, time-out, missing or unparseable reference) on every sample of a
   step raises RewardError: training on an all-None reward would silently learn nothing.
 - A sample's total is the weighted sum of its non-None rewards; if every reward is None it is 0.0
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 
 _RESERVED = ("prompts", "completions", "completion_ids", "answer")
 # counters that mean "this sample could not be judged because something is broken"
-_FAILURES = ("errors", "timeouts", "gold_parse_failures", "gold_missing")
+_FAILURES = ("errors", "timeouts", "gold_parse_failures", "gold_missing", "bad_values")
 
 
 @dataclass
@@ -121,7 +123,7 @@ def _call_with_deadline(fn: Callable, kwargs: dict[str, Any], timeout_s: float |
     return box.get("value"), box.get("error"), False
 
 
-def _validate(key: str, out: Any, n: int) -> tuple[list[float | None], list[bool | None] | None, Counter]:
+def _validate(key: str, out: Any, n: int) -> tuple[list[float | None], list[bool | None] | None, Counter, str | None]:
     """Check a reward's return value; RewardError naming the reward and what came back otherwise."""
     if not isinstance(out, (list, tuple)):
         shown = repr(out) if len(repr(out)) < 60 else type(out).__name__
@@ -129,22 +131,24 @@ def _validate(key: str, out: Any, n: int) -> tuple[list[float | None], list[bool
     if len(out) != n:
         raise RewardError(f"reward {key} returned {len(out)} values for {n} completions")
     values: list[float | None] = []
+    counts = Counter(getattr(out, "counts", {}) or {})
+    first_bad: str | None = None
     for i, v in enumerate(out):
         if v is None:
             values.append(None)
-        elif isinstance(v, numbers.Real):
-            f = float(v)
-            if not math.isfinite(f):
-                raise RewardError(f"reward {key} returned {f} for completion {i}; rewards must be finite or None")
-            values.append(f)
+            continue
+        f = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
+        if f is None or not math.isfinite(f):
+            # one bad value is isolated to its sample (None, counted); the step goes on
+            counts["bad_values"] += 1
+            first_bad = first_bad or f"returned {type(v).__name__} {repr(v)[:40]} for completion {i}; expected a finite float or None"
+            values.append(None)
         else:
-            raise RewardError(
-                f"reward {key} returned {type(v).__name__} {repr(v)[:40]} for completion {i}; expected float or None"
-            )
+            values.append(f)
     correct = getattr(out, "correct", None)
     if correct is not None and len(correct) != n:
         raise RewardError(f"reward {key} reported {len(correct)} correctness flags for {n} completions")
-    return values, correct, Counter(getattr(out, "counts", {}) or {})
+    return values, correct, counts, first_bad
 
 
 def _groups(examples: Sequence[Any]) -> list[tuple[int, int]]:
@@ -254,7 +258,10 @@ class RewardSet:
                 part.first_error = part.first_error or reason
                 self._report(r.key, e - s, tb or f"reward {r.key}: a call {reason}\n")
                 continue
-            values, flags, counts = _validate(r.key, out, e - s)
+            values, flags, counts, bad = _validate(r.key, out, e - s)
+            if bad is not None:
+                part.first_error = part.first_error or bad
+                self._report(r.key, counts["bad_values"], f"reward {r.key} {bad}\n")
             part.values[s:e] = values
             part.counts.update(counts)
             if flags is not None:

@@ -185,13 +185,27 @@ def test_math_reward_without_answers_is_an_error():
     [
         ("wrong_length", r"reward wrong_length returned 1 values for 2 completions"),
         ("wrong_type", r"reward wrong_type returned \{'score': 1.0\}; expected a list of 2 floats or None"),
-        ("wrong_item", r"reward wrong_item returned str 'high' for completion 0"),
-        ("nan", r"reward nan returned nan for completion 0"),
+        # every value bad: each is isolated, and a reward bad on all samples stops the step
+        ("wrong_item", r"reward wrong_item failed on all 2 samples.*returned str 'high' for completion 0"),
+        ("nan", r"reward nan failed on all 2 samples.*returned float nan for completion 0"),
     ],
 )
 def test_bad_return_values(custom_module, fn, match):
     with pytest.raises(RewardError, match=match):
         RewardSet([RewardSpec(name=f"{custom_module}:{fn}")])(*_batch([("1", ["a", "b"])]))
+
+
+def test_a_single_bad_value_is_isolated_and_counted(tmp_path):
+    mod = tmp_path / "partly_bad.py"
+    mod.write_text(
+        "def partly(completions, **kw):\n"
+        "    return [float('nan') if c == 'x' else ('oops' if c == 'y' else 1.0) for c in completions]\n"
+    )
+    rs = RewardSet([RewardSpec(name=f"{mod}:partly")])
+    out = rs(*_batch([("1", ["x", "ok"]), ("2", ["y", "ok"])]))
+    assert out.total == [0.0, 1.0, 0.0, 1.0]  # the bad samples score None -> 0.0 in the total
+    assert out.metrics["rewards/partly/bad_values"] == 2.0
+    assert out.metrics["rewards/partly/none_frac"] == 0.5
 
 
 def test_slow_custom_reward_times_out(custom_module):

@@ -1,0 +1,1 @@
+raise RuntimeError("the reward server is not configured")

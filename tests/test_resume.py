@@ -1,0 +1,312 @@
+"""Resume at every boundary: the end of a data epoch, the end of the run, a changed recipe, a
+corrupted or truncated checkpoint (fallback to the previous good one), a checkpoint named with
+--resume-from, and the housekeeping that keeps one run's checkpoints and logs consistent."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from apo_cli.checkpoint import (
+    SAFE_TO_CHANGE,
+    RunLock,
+    _prune,
+    latest_good_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
+from apo_cli.errors import CheckpointError, RunDirError
+from apo_cli.metrics import truncate_jsonl_after
+from apo_cli.recipe import recipe_from_dict
+from apo_cli.train import train_from_recipe
+from tests.helpers import tiny_recipe, write_recipe
+from tests.test_faults import _one_error_line, _same_weights
+from tests.test_train_loop import _metrics, _stable
+
+
+def _ckpt(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The end of a data epoch
+
+
+@pytest.mark.parametrize("limit", [8, 6], ids=["epoch_ends_with_the_step", "epoch_ends_inside_the_step"])
+def test_resume_at_an_epoch_boundary_equals_straight_run(tmp_path, cli, limit):
+    """8 rows, 4 prompts a step: step 2 ends exactly at the end of epoch 0 (with 6 rows, epoch 1
+    starts inside step 2). The run is resumed from step 2 as if killed right after saving it."""
+    d = tiny_recipe(tmp_path, "straight", run={"max_steps": 4}, data={"limit": limit},
+                    checkpoint={"every": 1, "keep_last": 4})
+    train_from_recipe(recipe_from_dict(d))
+    straight, run = tmp_path / "straight", tmp_path / "cut"
+    rows = _metrics(straight)
+    assert rows[1]["epoch"] == (1.0 if limit == 8 else 4 / 3) and rows[2]["epoch"] > rows[1]["epoch"]
+    shutil.copytree(straight, run)
+    for step in (3, 4):
+        shutil.rmtree(_ckpt(run, step))  # the kill came after step 2's checkpoint; the logs ran on
+    res = cli("train", str(write_recipe(tmp_path, d)), "--resume", "--output-dir", str(run))
+    assert res.exit_code == 0, res.output
+    assert "at step 2" in res.output
+    assert _stable(_metrics(run)) == _stable(rows)
+    assert _same_weights(_ckpt(run, 4), _ckpt(straight, 4))
+    state = json.loads((_ckpt(run, 4) / "trainer_state.json").read_text())
+    assert state["data"] == json.loads((_ckpt(straight, 4) / "trainer_state.json").read_text())["data"]
+
+
+def test_resume_from_names_a_checkpoint_of_another_run_dir(tmp_path, cli):
+    """--resume-from into a new run directory continues that run there (a fork)."""
+    d = tiny_recipe(tmp_path, "base", run={"max_steps": 3}, checkpoint={"every": 1, "keep_last": 3})
+    train_from_recipe(recipe_from_dict(d))
+    fork = tmp_path / "fork"
+    res = cli("train", str(write_recipe(tmp_path, d)), "--resume-from", str(_ckpt(tmp_path / "base", 2)),
+              "--output-dir", str(fork))
+    assert res.exit_code == 0, res.output
+    assert [r["step"] for r in _metrics(fork)] == [3]
+    assert _same_weights(_ckpt(fork, 3), _ckpt(tmp_path / "base", 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# The end of the run
+
+
+def test_resume_of_a_finished_run_says_so_and_trains_nothing(tmp_path, cli):
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, "fin", run={"max_steps": 2}))
+    assert cli("train", str(path)).exit_code == 0
+    run = tmp_path / "fin"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    res = cli("train", str(path), "--resume")
+    assert res.exit_code == 0, res.output
+    assert "run fin is already finished (2/2 steps)" in res.output
+    assert "step 1/" not in res.output
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # nothing was written
+    res = cli("train", str(path))  # without --resume: refused, the run is not overwritten
+    assert res.exit_code == 1
+    assert f"run directory {run} already holds a run of this recipe" in _one_error_line(res.output)
+
+
+# --------------------------------------------------------------------------------------------------
+# A changed recipe
+
+
+def test_changed_recipe_is_refused_unless_the_changes_are_safe_and_allowed(tmp_path, cli):
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, "chg", run={"max_steps": 2}))
+    assert cli("train", str(path)).exit_code == 0
+
+    res = cli("train", str(path), "rollout.temperature=0.7", "--resume")
+    assert res.exit_code == 1
+    assert "cannot change on resume: rollout.temperature" in _one_error_line(res.output)
+
+    res = cli("train", str(path), "run.max_steps=3", "logging.samples_per_step=2", "--resume")
+    assert res.exit_code == 1
+    line = _one_error_line(res.output)
+    assert "differs from the run's in: logging.samples_per_step, run.max_steps" in line
+    assert "--allow-recipe-change" in line
+
+    res = cli("train", str(path), "rollout.temperature=0.7", "data.limit=5", "run.max_steps=3", "--resume",
+              "--allow-recipe-change")
+    assert res.exit_code == 1
+    line = _one_error_line(res.output)
+    assert "cannot change on resume: data.limit, rollout.temperature (and in run.max_steps, which may" in line
+
+    res = cli("train", str(path), "run.max_steps=3", "checkpoint.keep_last=5", "--resume", "--allow-recipe-change")
+    assert res.exit_code == 0, res.output
+    assert [r["step"] for r in _metrics(tmp_path / "chg")] == [1, 2, 3]
+    assert "max_steps: 3" in (tmp_path / "chg/recipe.yaml").read_text()
+
+
+def _leaf_paths(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out |= _leaf_paths(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k}
+    return out
+
+
+def test_safe_to_change_names_real_fields_that_do_not_change_the_computation():
+    cpu = recipe_from_dict({"model": {"name_or_path": "m"}})
+    gpu = recipe_from_dict({"model": {"name_or_path": "m"}, "backend": {"kind": "gpu"}})
+    fields = _leaf_paths(cpu.model_dump(mode="json")) | _leaf_paths(gpu.model_dump(mode="json"))
+    assert set(SAFE_TO_CHANGE) <= fields, set(SAFE_TO_CHANGE) - fields
+    # what a run computes: the model, its data and rewards, sampling, the objective, the optimizer
+    # and the seed; changing any of these mid-run would silently make a different run
+    computing = ("model.", "data.", "rewards", "rollout.", "algorithm.", "run.seed", "backend.kind", "backend.dtype",
+                 "backend.rollout", "backend.tensor_parallel_size", "backend.max_model_len", "logging.metrics_file")
+    assert not [f for f in SAFE_TO_CHANGE if f.startswith(computing)]
+    assert not [f for f in SAFE_TO_CHANGE if f.startswith("optim.") and f != "optim.max_consecutive_skips"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Corrupted and truncated checkpoints
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A finished 3-step run with a checkpoint at every step."""
+    tmp = tmp_path_factory.mktemp("base")
+    d = tiny_recipe(tmp, "base", run={"max_steps": 3}, checkpoint={"every": 1, "keep_last": 3})
+    train_from_recipe(recipe_from_dict(d))
+    return tmp / "base", write_recipe(tmp, d)
+
+
+def _flip_byte(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    "weights_bit_flip": ("model.safetensors", _flip_byte),
+    "optimizer_truncated": ("optimizer.pt", _truncate),
+    "trainer_state_garbage": ("trainer_state.json", lambda f: f.write_text('{"step": 3, "data": ')),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, cli, base_run, kind):
+    base, recipe = base_run
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    name, corrupt = CORRUPTIONS[kind]
+    corrupt(_ckpt(run, 3) / name)
+    res = cli("train", str(recipe), "--resume", "--output-dir", str(run))
+    assert res.exit_code == 0, res.output
+    assert f"checkpoint {_ckpt(run, 3)}: {name} is corrupted (checksum mismatch); falling back" in res.output
+    assert f"resumed from {_ckpt(run, 2)} at step 2" in res.output
+    assert _stable(_metrics(run)) == _stable(_metrics(base))
+    assert _same_weights(_ckpt(run, 3), _ckpt(base, 3))
+    verify_checkpoint(_ckpt(run, 3))
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_resume_from_a_corrupted_checkpoint_is_a_one_line_error(tmp_path, cli, base_run, kind, monkeypatch):
+    base, recipe = base_run
+    ck = tmp_path / "step-3"
+    shutil.copytree(_ckpt(base, 3), ck)
+    name, corrupt = CORRUPTIONS[kind]
+    corrupt(ck / name)
+    monkeypatch.setattr("apo_cli.models.load_policy", lambda *a, **k: pytest.fail("model loaded"))
+    res = cli("train", str(recipe), "--resume-from", str(ck), "--output-dir", str(tmp_path / "new"))
+    assert res.exit_code == 1
+    assert _one_error_line(res.output) == f"error: checkpoint {ck}: {name} is corrupted (checksum mismatch)"
+
+
+def test_all_checkpoints_corrupted_restarts_from_step_0_and_keeps_its_new_checkpoint(tmp_path, cli, base_run):
+    base, recipe = base_run
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    for step in (1, 2, 3):
+        _truncate(_ckpt(run, step) / "model.safetensors")
+    res = cli("train", str(recipe), "run.max_steps=1", "checkpoint.keep_last=2", "--resume", "--allow-recipe-change",
+              "--output-dir", str(run))
+    assert res.exit_code == 0, res.output
+    assert res.output.count("falling back to the previous checkpoint") == 3
+    assert "starting from step 0" in res.output
+    # the new step-1 is kept, and the corrupted later steps of the abandoned run are gone
+    assert [p.name for p in list_checkpoints(run)] == ["step-1"]
+    assert _same_weights(_ckpt(run, 1), _ckpt(base, 1))
+    assert _stable(_metrics(run)) == _stable(_metrics(base))[:1]
+
+
+@pytest.mark.parametrize("case,text", [
+    ("no_sums", "is incomplete: checksums.json is missing"),
+    ("sums_truncated", "checksums.json is corrupted"),
+    ("sums_a_list", "checksums.json is corrupted (not a mapping"),
+    ("sums_empty", "is incomplete: checksums.json lists no trainer_state.json, optimizer.pt, *.safetensors"),
+    ("sums_escape", "names '../x', which is not a file of the checkpoint"),
+    ("file_missing", "optimizer.pt is missing"),
+    ("not_a_folder", "is not a folder"),
+    ("does_not_exist", "does not exist"),
+])
+def test_verify_checkpoint_names_what_is_wrong(tmp_path, base_run, case, text):
+    ck = tmp_path / "step-2"
+    shutil.copytree(_ckpt(base_run[0], 2), ck)
+    sums = ck / "checksums.json"
+    if case == "no_sums":
+        sums.unlink()
+    elif case == "sums_truncated":
+        _truncate(sums)
+    elif case == "sums_a_list":
+        sums.write_text("[1, 2]")
+    elif case == "sums_empty":
+        sums.write_text("{}")
+    elif case == "sums_escape":
+        sums.write_text(json.dumps({**json.loads(sums.read_text()), "../x": "0" * 64}))
+    elif case == "file_missing":
+        (ck / "optimizer.pt").unlink()
+    elif case == "not_a_folder":
+        shutil.rmtree(ck)
+        ck.write_text("x")
+    elif case == "does_not_exist":
+        shutil.rmtree(ck)
+    with pytest.raises(CheckpointError, match=None) as e:
+        verify_checkpoint(ck)
+    assert text in str(e.value) and str(ck) in str(e.value)
+
+
+def test_checkpoint_from_another_model_does_not_fit(tmp_path, cli, base_run):
+    """Intact checksums, wrong contents: a one-line error, not a traceback."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "step-3"
+    shutil.copytree(_ckpt(base_run[0], 3), ck)
+    save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, str(ck / "model.safetensors"))
+    sums = json.loads((ck / "checksums.json").read_text())
+    sums["model.safetensors"] = hashlib.sha256((ck / "model.safetensors").read_bytes()).hexdigest()
+    (ck / "checksums.json").write_text(json.dumps(sums))
+    res = cli("train", str(base_run[1]), "--resume-from", str(ck), "--output-dir", str(tmp_path / "new"))
+    assert res.exit_code == 1
+    line = _one_error_line(res.output)
+    assert f"checkpoint {ck}" in line and ("does not fit" in line or "size mismatch" in line), line
+
+
+# --------------------------------------------------------------------------------------------------
+# Housekeeping
+
+
+def test_prune_drops_later_steps_of_an_abandoned_continuation_and_keeps_the_newest(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        _ckpt(tmp_path, step).mkdir(parents=True)
+    _prune(tmp_path, 3, keep_last=2)  # step-3 was just written after resuming from step-2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-3"]
+
+
+def test_checkpoints_are_ordinary_folders_not_private_temp_ones(base_run):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for ck in list_checkpoints(base_run[0]):
+        assert stat.S_IMODE(ck.stat().st_mode) == 0o777 & ~mask
+
+
+def test_truncate_jsonl_after_drops_later_steps_and_a_partial_last_line(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "rew')
+    truncate_jsonl_after(f, 2)
+    assert f.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_one_run_dir_one_process(tmp_path, cli, base_run):
+    run = tmp_path / "run"
+    shutil.copytree(base_run[0], run)
+    with RunLock(run):
+        with pytest.raises(RunDirError, match="in use by another apo process"):
+            RunLock(run).__enter__()
+        res = cli("train", str(base_run[1]), "run.max_steps=4", "--resume", "--allow-recipe-change",
+                  "--output-dir", str(run))
+        assert res.exit_code == 1
+        assert _one_error_line(res.output) == f"error: run directory {run} is in use by another apo process"
+    assert latest_good_checkpoint(run).name == "step-3"
