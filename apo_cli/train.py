@@ -648,9 +648,25 @@ def _check_creatable(run_dir: Path) -> None:
         raise RunDirError(f"cannot create run directory {run_dir}: {p} is not writable")
 
 
+def _during_setup(build):
+    """Run ``build`` with SIGTERM turned into a one-line exit 143 (nothing is trained yet, nothing to save)."""
+    def handler(signum, frame):
+        raise Interrupted("SIGTERM before training started; nothing to save", EXIT_TERMINATED)
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return build()
+    try:
+        return build()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def train_from_recipe(recipe: Recipe, *, resume: bool = False, resume_from: Path | None = None,
                       allow_recipe_change: bool = False) -> Path | None:
-    trainer = Trainer(recipe, resume=resume, resume_from=resume_from, allow_recipe_change=allow_recipe_change)
+    trainer = _during_setup(lambda: Trainer(recipe, resume=resume, resume_from=resume_from,
+                                            allow_recipe_change=allow_recipe_change))
     try:
         return trainer.train()
     finally:

@@ -495,3 +495,30 @@ def test_reward_failing_at_the_first_step_saves_nothing(tmp_path, cli):
     assert res.exit_code == 1
     assert "reward explode failed on all 16 samples" in _one_error_line(res.output, reward_traceback=True)
     assert not list_checkpoints(tmp_path / "first")
+
+
+def test_sigterm_while_loading_exits_143_with_a_message(tmp_path):
+    """SIGTERM before the loop starts (data, rewards, model loading): one line, exit 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.helpers import tiny_recipe, write_recipe
+
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, "early"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import time, apo_cli.train as t\n"
+                             "orig = t.Trainer.__init__\n"
+                             "def slow(self, *a, **k):\n    time.sleep(30)\n    orig(self, *a, **k)\n"
+                             "t.Trainer.__init__ = slow\n"
+                             "from apo_cli.main import main\nimport sys\nsys.argv = ['apo', 'train', sys.argv[1]]\nmain()\n",
+                             str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "SIGTERM before training started" in err and "Traceback" not in err
