@@ -456,8 +456,9 @@ def test_reward_hangs_are_time_boxed_isolated_and_counted(tmp_path):
     assert all(r["rewards/hang_on_odd/none_frac"] < 1 for r in rows)
 
 
-@pytest.mark.parametrize("name,text", [("wrong_type", "returned str"), ("wrong_length", "returned 5 values for 4"),
-                                       ("not_a_list", "returned 0.5"), ("always_nan", "must be finite")])
+# (the preflight runs each reward on a few rows before any model loads, so it is what reports these)
+@pytest.mark.parametrize("name,text", [("wrong_type", "returned str"), ("wrong_length", "values for"),
+                                       ("not_a_list", "returned 0.5"), ("always_nan", "finite float")])
 def test_reward_returning_the_wrong_thing_stops_with_one_line(tmp_path, cli, name, text):
     path = write_recipe(tmp_path, tiny_recipe(tmp_path, name, rewards=_reward(name)))
     res = cli("train", str(path))
@@ -473,7 +474,12 @@ def test_reward_failing_everywhere_after_two_steps_saves_them_and_resume_equals_
                     rewards=_reward("frac_a_countdown", kwargs={"budget_file": str(budget)}))
     train_from_recipe(recipe_from_dict(tiny_recipe(tmp_path, "straight", **sections)))
     path = write_recipe(tmp_path, tiny_recipe(tmp_path, "down", **sections))
-    budget.write_text("8")  # two steps of 4 groups, then every call fails
+    from apo_cli.preflight import run_preflight
+
+    budget.write_text("1000000")
+    run_preflight(recipe_from_dict(tiny_recipe(tmp_path, "down", **sections)))  # it calls the reward too
+    used = 1000000 - int(budget.read_text())
+    budget.write_text(str(8 + used))  # the preflight, two steps of 4 groups, then every call fails
     res = cli("train", str(path))
     assert res.exit_code == 1
     line = _one_error_line(res.output, reward_traceback=True)
