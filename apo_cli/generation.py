@@ -271,18 +271,14 @@ class Sampler:
                 write(text)
 
         streamer = _Streamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        # the backend owns the sampling code; hand it a generate that also streams
-        original = self.model.generate
-
-        def generate(*args, **kwargs):
-            return original(*args, streamer=streamer, **kwargs)
-
-        self.model.generate = generate
+        # the CPU backend's sampler (also the GPU backend's rollout: hf) feeds the streamer set on it
+        engine = getattr(self.backend, "_hf", None) or self.backend
+        engine.streamer = streamer
         try:
             sample = self.sample_ids([prompt_ids], params)[0][0]
         finally:
-            del self.model.generate
-        if not written:  # an engine that does not go through model.generate (vLLM): print it whole
+            engine.streamer = None
+        if not written:  # an engine that does not stream (vLLM): print it whole
             write(sample.completion)
         return sample
 

@@ -200,7 +200,9 @@ class Trainer:
         self._render = lambda ex: render_prompt(ex, r.data, self.tok)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=r.optim.lr, betas=r.optim.betas, weight_decay=r.optim.weight_decay)
+        # fused on CPU: one kernel for all parameters instead of per-tensor ops (~3x less optimizer time)
+        self.optimizer = torch.optim.AdamW(params, lr=r.optim.lr, betas=r.optim.betas, weight_decay=r.optim.weight_decay,
+                                           fused=self.device.type == "cpu")
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
         self.alpha_schedule = make_alpha_schedule(r.algorithm.alpha, self.max_steps)
         self.tau_schedule = TauSchedule(r.algorithm.tau, r.algorithm.adaptive_tau)
