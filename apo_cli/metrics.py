@@ -73,18 +73,10 @@ def truncate_jsonl_after(path: Path, step: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        kept = [r for r in read_metrics(path, warn=None) if _step(r) <= step]
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp.is_file():
-            tmp.unlink()
-        raise RunDirError(f"cannot rewrite {path}: {e.strerror or e}") from None
+    from apo_cli.checkpoint import atomic_write_text
+
+    kept = [r for r in read_metrics(path, warn=None) if _step(r) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _step(record: dict[str, Any]) -> int:
