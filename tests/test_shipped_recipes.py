@@ -14,7 +14,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 # Raise this as recipes are added, so that a recipe deleted or moved by mistake fails the suite.
-MIN_RECIPES = 1
+MIN_RECIPES = 4  # quickstart + the paper recipe and its grpo/gspo twins
 
 RECIPES = sorted(RECIPES_DIR.glob("**/*.yaml"))
 IDS = [p.relative_to(RECIPES_DIR).as_posix() for p in RECIPES]
