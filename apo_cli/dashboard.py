@@ -98,13 +98,18 @@ class RichDashboard:
 
     def __enter__(self):
         self.live.__enter__()
+        self._active = True
         return self
 
     def __exit__(self, *exc):
         self.live.update(self._render())
+        self._active = False
         return self.live.__exit__(*exc)
 
     def message(self, text: str, style: str = "") -> None:
+        if not getattr(self, "_active", False):  # before or after the live panel: a plain line
+            self.console.print(text, style=style or None, markup=False, highlight=False)
+            return
         self.notes.append(Text(text, style=style or "dim"))
         self.live.update(self._render())
 

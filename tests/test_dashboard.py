@@ -47,3 +47,13 @@ def test_plain_dashboard_prints_one_line_per_step():
 
 def test_auto_mode_is_plain_without_a_terminal(capsys):
     assert isinstance(make_dashboard("auto", "x", 3), PlainDashboard)  # pytest captures stdout: not a TTY
+
+
+def test_rich_dashboard_messages_after_the_panel_closes_are_printed():
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=True, color_system=None)
+    dash = RichDashboard("demo", total_steps=1, console=console)
+    with dash:
+        dash.update(_record(1), [])
+    dash.message("done: 1 steps; final checkpoint runs/demo/checkpoints/step-1")
+    assert "final checkpoint runs/demo/checkpoints/step-1" in out.getvalue()
