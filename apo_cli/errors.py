@@ -102,7 +102,10 @@ def fail(error: ApoError) -> NoReturn:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     text = str(error)
     first, _, rest = text.partition("\n")
-    console.print(f"[bold red]error:[/bold red] {first}", markup=True, emoji=False)
+    from rich.markup import escape
+
+    label = "[bold yellow]stopped:[/bold yellow]" if isinstance(error, Interrupted) else "[bold red]error:[/bold red]"
+    console.print(f"{label} {escape(first)}", markup=True, emoji=False)
     if rest:
         console.print(rest, markup=False, emoji=False)
     raise SystemExit(error.exit_code)

@@ -71,7 +71,7 @@ def _one_error_line(output: str, reward_traceback: bool = False) -> str:
     if reward_traceback:
         output = strip_reward_traceback(output)
     assert "Traceback" not in output, output
-    lines = [ln for ln in output.splitlines() if ln.startswith("error:")]
+    lines = [ln for ln in output.splitlines() if ln.startswith(("error:", "stopped:"))]
     assert len(lines) == 1, output
     return lines[0]
 
@@ -173,7 +173,7 @@ def test_random_kills_mid_checkpoint_kill_and_sigterm_then_resume_equal_straight
     assert "removed the partial files" in c.stdout()
     assert _wait(lambda: _logged(run) > resumed, c.proc), c.stderr()
     assert c.kill(signal.SIGTERM) == 143, c.stdout() + c.stderr()
-    m = re.search(r"error: SIGTERM: stopped at step (\d+); saved (\S+)", c.stderr())
+    m = re.search(r"stopped: SIGTERM: stopped at step (\d+); saved (\S+)", c.stderr())
     assert m, c.stderr()
     stopped = int(m.group(1))
     verify_checkpoint(run / f"checkpoints/step-{stopped}")
@@ -216,7 +216,7 @@ def test_sigint_finishes_the_step_saves_and_exits_130(tmp_path, cli, monkeypatch
     res = cli("train", str(path))
     assert res.exit_code == 130
     line = _one_error_line(res.output)
-    assert "SIGINT: stopped at step 2; saved" in line and "--resume" in line
+    assert line.startswith("stopped: SIGINT: stopped at step 2; saved") and "--resume" in line
     verify_checkpoint(tmp_path / "int/checkpoints/step-2")
     assert [r["step"] for r in _metrics(tmp_path / "int")] == [1, 2]
     assert signal.getsignal(signal.SIGINT) is handler  # the loop put the handler back
