@@ -49,3 +49,15 @@ def test_every_top_level_field_has_a_comment(path: Path):
         if row == 0 or not lines[row - 1].lstrip().startswith("#"):
             missing.append(f"line {row + 1}: {key.value}")
     assert not missing, f"{path.name}: top-level keys without a '#' comment line directly above: {missing}"
+
+
+def test_recipes_command_lists_and_copies(tmp_path, cli):
+    res = cli("recipes")
+    assert res.exit_code == 0
+    assert "quickstart" in res.output and "SmolLM2" in res.output
+    res = cli("recipes", "quickstart", str(tmp_path))
+    assert res.exit_code == 0 and (tmp_path / "quickstart.yaml").is_file()
+    again = cli("recipes", "quickstart", str(tmp_path))
+    assert again.exit_code == 2 and "already exists" in again.output
+    missing = cli("recipes", "nope")
+    assert missing.exit_code == 2 and "no shipped recipe named 'nope'" in missing.output

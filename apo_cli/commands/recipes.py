@@ -12,12 +12,11 @@ from apo_cli.errors import UsageError
 
 def shipped_recipes_dir() -> Path:
     """The shipped recipes: the source tree's recipes/ when run from a checkout, else the installed copy."""
-    here = Path(__file__).resolve().parents[2] / "recipes"
-    if here.is_dir():
-        return here
-    import importlib.resources
-
-    return Path(str(importlib.resources.files("apo_cli.shipped_recipes")))
+    package = Path(__file__).resolve().parents[1]  # apo_cli/
+    source_tree = package.parent / "recipes"
+    if source_tree.is_dir() and (package.parent / "pyproject.toml").is_file():
+        return source_tree
+    return package / "shipped_recipes"  # installed from a wheel (pyproject maps recipes/ there)
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -26,9 +25,12 @@ def shipped_recipes() -> dict[str, Path]:
 
 def _first_comment(path: Path) -> str:
     for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line.startswith("#") and not line.lstrip("# ").startswith("apo "):
-            return line.lstrip("# ").strip()
+        text = line.strip().lstrip("#").strip()
+        if not line.startswith("#"):
+            break
+        if text and not text.startswith("apo "):
+            first = text.split(". ")[0].rstrip(".")
+            return first if len(first) <= 80 else first[:79] + "…"
     return ""
 
 
