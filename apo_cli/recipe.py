@@ -722,9 +722,23 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", positions: 
     except RecursionError:
         raise RecipeError(source, ["recipe: recursive structure (a YAML alias that contains itself)"]) from None
     rules = cross_field_problems(recipe)
+    if ("algorithm", "objective") in overridden:
+        # the objective was switched on the command line (e.g. to compare GRPO with a recipe's APO):
+        # the recipe's settings for the other objective are ignored, with a warning, not an error
+        unused = [(loc, msg) for loc, msg in rules if msg.startswith(f"algorithm.{loc[-1]} is set but objective")]
+        rules = [r for r in rules if r not in unused]
+        if not rules:
+            for text in _place(unused, positions, {}):
+                _warn(f"{source}: {text.replace('is set but', 'is ignored:')} (objective switched by an override)")
     if rules:
         raise RecipeError(source, _place(rules, positions, overridden))
     return recipe
+
+
+def _warn(text: str) -> None:
+    import sys
+
+    print(f"warning: {text}", file=sys.stderr)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

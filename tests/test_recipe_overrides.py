@@ -203,3 +203,20 @@ def test_recipe_is_frozen(tmp_path, dotted):
     owner = get(r, ".".join(parents)) if parents else r
     with pytest.raises(ValidationError, match="frozen"):
         setattr(owner, last, getattr(owner, last))
+
+
+def test_switching_objective_by_override_warns_about_the_other_objectives_fields(tmp_path, capsys):
+    """Comparing GRPO on an APO recipe is one override away; the APO-only fields are ignored, loudly."""
+    from apo_cli.errors import RecipeError
+    from apo_cli.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name_or_path: x}\nalgorithm:\n  objective: apo\n  tau: 0.9\n")
+    r = load_recipe(path, ["algorithm.objective=grpo"])
+    assert r.algorithm.objective == "grpo"
+    err = capsys.readouterr().err
+    assert "warning:" in err and "algorithm.tau is ignored" in err and "line 4" in err
+    # written in the file itself, the same combination is an error
+    path.write_text("model: {name_or_path: x}\nalgorithm:\n  objective: grpo\n  tau: 0.9\n")
+    with pytest.raises(RecipeError, match="algorithm.tau is set but objective 'grpo' does not use it"):
+        load_recipe(path)
