@@ -57,7 +57,9 @@ def print_findings(findings: list[Finding]) -> None:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     style = {"info": "dim", "warning": "yellow", "error": "bold red"}
     for f in findings:
-        console.print(f"[{style[f.level]}]{f.level}:[/{style[f.level]}] {escape(f.message)}")
+        # errors are listed with a mark; the single "error:" line is the DataError raised below
+        label = "✗" if f.level == "error" else f"{f.level}:"
+        console.print(f"[{style[f.level]}]{label}[/{style[f.level]}] {escape(f.message)}")
     errors = [f for f in findings if f.level == "error"]
     if not any(f.level != "info" for f in findings):
         console.print("[green]preflight: no problems found[/green]")
