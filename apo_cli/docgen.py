@@ -72,8 +72,6 @@ def render_schema_json() -> str:
 
 
 def _type_text(ann) -> str:
-    import typing
-
     text = str(ann) if not isinstance(ann, type) else ann.__name__
     text = re.sub(r"typing\.|apo_cli\.recipe\.|<class '([^']+)'>", lambda m: m.group(1) or "", text)
     return text.replace("NoneType", "null").replace("Literal", "one of ")

@@ -575,8 +575,7 @@ def _message(err: dict[str, Any], loc: Loc, data: dict[str, Any]) -> str:
     return msg
 
 
-def _format_errors(e: ValidationError, positions: _Positions, overridden: dict[Loc, str],
-                   data: dict[str, Any]) -> list[tuple[Loc, str]]:
+def _format_errors(e: ValidationError, data: dict[str, Any]) -> list[tuple[Loc, str]]:
     out = []
     for err in e.errors(include_url=False):
         # discriminated unions insert the tag ("cpu"/"gpu") into the location: drop it
@@ -718,7 +717,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", positions: 
     try:
         recipe = Recipe.model_validate(data, context={"defer_rules": True})
     except ValidationError as e:
-        raise RecipeError(source, _place(_format_errors(e, positions, overridden, data), positions, overridden)) from None
+        raise RecipeError(source, _place(_format_errors(e, data), positions, overridden)) from None
     except RecursionError:
         raise RecipeError(source, ["recipe: recursive structure (a YAML alias that contains itself)"]) from None
     rules = cross_field_problems(recipe)

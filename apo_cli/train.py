@@ -368,7 +368,7 @@ class Trainer:
 
     def update(self, ro: Rollout, alpha: float, tau: float, anchors: dict[int, torch.Tensor]) -> dict[str, float]:
         """All optimizer steps of one rollout. Returns the step's averaged training metrics."""
-        a, o = self.recipe.algorithm, self.recipe.optim
+        a = self.recipe.algorithm
         n_groups = len(ro.rewards) // self.G
         gen = torch.Generator().manual_seed(_step_seed(self.recipe.run.seed, self.step) + 1)
         plans = []
