@@ -117,6 +117,11 @@ class CheckpointPayload:
     tokenizer: Any
     trainer_state: dict[str, Any]
     torch_state: dict[str, Any]  # optimizer, scheduler, rng
+    weights: dict[str, Any] | None = None  # the full weights when ``model`` holds only a shard (FSDP2)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step-{step}"
 
 
 def write_checkpoint(run_dir: Path, payload: CheckpointPayload, keep_last: int) -> Path:
@@ -124,7 +129,7 @@ def write_checkpoint(run_dir: Path, payload: CheckpointPayload, keep_last: int) 
     import torch
 
     root = Path(run_dir) / CKPT_DIR
-    final = root / f"step-{payload.step}"
+    final = checkpoint_path(run_dir, payload.step)
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}step-{payload.step}-", dir=root))
@@ -132,7 +137,10 @@ def write_checkpoint(run_dir: Path, payload: CheckpointPayload, keep_last: int) 
     except OSError as e:
         raise CheckpointError(f"cannot write a checkpoint in {root}: {e.strerror or e}") from None
     try:
-        payload.model.save_pretrained(tmp, safe_serialization=True)
+        if payload.weights is None:
+            payload.model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            payload.model.save_pretrained(tmp, safe_serialization=True, state_dict=payload.weights)
         _fault_pause()
         payload.tokenizer.save_pretrained(tmp)
         _fault_pause()
@@ -290,8 +298,11 @@ def read_torch_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: cannot read {OPTIM_FILE} ({type(e).__name__})") from None
 
 
-def load_weights_into(model: Any, path: Path) -> None:
-    """Load a checkpoint's weights (full model or LoRA adapter) into an already built ``model``."""
+def load_weights_into(model: Any, path: Path, load: Any = None) -> None:
+    """Load a checkpoint's weights (full model or LoRA adapter) into an already built ``model``.
+
+    ``load(model, state)`` replaces ``model.load_state_dict(state, strict=False)`` for full weights
+    (a sharded policy loads the full state through ``apo_cli.parallel.load_full_model_state``)."""
     from safetensors.torch import load_file
 
     adapter = path / "adapter_model.safetensors"
@@ -307,7 +318,7 @@ def load_weights_into(model: Any, path: Path) -> None:
         state: dict[str, Any] = {}
         for f in files:
             state.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = (load or _load_state)(model, state)
     except (RuntimeError, ValueError, OSError) as e:  # shape mismatch, unreadable file
         detail = " ".join(str(e).split())[:200]
         raise CheckpointError(f"checkpoint {path} does not fit the model: {detail}") from None
@@ -317,6 +328,10 @@ def load_weights_into(model: Any, path: Path) -> None:
         raise CheckpointError(
             f"checkpoint {path} does not fit the model: {len(missing)} missing and {len(unexpected)} unexpected tensors"
         )
+
+
+def _load_state(model: Any, state: dict[str, Any]) -> tuple[list[str], list[str]]:
+    return model.load_state_dict(state, strict=False)
 
 
 # --------------------------------------------------------------------------------------------------

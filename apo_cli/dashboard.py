@@ -175,7 +175,10 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[-200:]
 
 
-def make_dashboard(mode: str, title: str, total_steps: int, start_step: int = 0):
+def make_dashboard(mode: str, title: str, total_steps: int, start_step: int = 0, *, muted: bool = False):
+    """``muted``: nothing at all, not even messages (a torchrun process other than rank 0)."""
+    if muted:
+        return _Muted()
     if mode == "off":
         return _Silent()
     if mode == "plain" or (mode == "auto" and not sys.stdout.isatty()):
@@ -199,3 +202,8 @@ class _Silent:
 
 def now() -> float:
     return time.perf_counter()
+
+
+class _Muted(_Silent):
+    def message(self, text: str, style: str = "") -> None:
+        pass

@@ -99,6 +99,10 @@ def fail(error: ApoError) -> NoReturn:
     """Print ``error`` as the tool's one-line (or one-block, for recipes) message and exit."""
     from rich.console import Console
 
+    from apo_cli.parallel import quiet_rank
+
+    if quiet_rank():  # under torchrun, rank 0 prints the one line every rank stops with
+        raise SystemExit(error.exit_code)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     text = str(error)
     first, _, rest = text.partition("\n")

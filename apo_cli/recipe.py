@@ -300,7 +300,7 @@ class LoggingSpec(Section):
 
 class CPUBackendSpec(Section):
     kind: Literal["cpu"] = "cpu"
-    threads: int | None = Field(None, ge=1, description="torch threads (default: all cores).")
+    threads: int | None = Field(None, ge=1, description="torch threads (default: all cores, shared out among the processes under torchrun).")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Autocast dtype for generation and training forward passes."
     )
@@ -310,7 +310,7 @@ class GPUBackendSpec(Section):
     kind: Literal["gpu"] = "gpu"
     rollout: Literal["vllm", "hf"] = Field("vllm", description="Rollout engine: vllm, or transformers generate.")
     gpu_memory_utilization: float = Field(0.35, gt=0, le=0.95, description="vLLM: share of GPU memory for the engine.")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: tensor-parallel degree (above 1 needs torchrun).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per engine; above 1 needs torchrun, and divides its number of processes.")
     sleep_mode: bool = Field(True, description="vLLM: free the KV cache while training, wake before rollouts.")
     max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's context length).")
     enforce_eager: bool = Field(False, description="vLLM: disable CUDA graphs.")

@@ -29,6 +29,11 @@ checkpoint. ``--resume`` restores weights, optimizer, LR schedule, RNG, data pos
 states, and cuts metrics.jsonl / samples.jsonl back to the checkpoint's step: on CPU a resumed run
 equals an uninterrupted one.
 
+Several processes (``torchrun``, apo_cli/parallel.py): each rank samples and scores its block of
+the prompts, the rollout is gathered so signals, alpha and metrics are those of the whole step,
+each rank trains on its block of every mini-batch with normalisers of the whole mini-batch, and
+rank 0 alone writes. The update equals the one-process update on the same rollout.
+
 Every name a recipe uses (objective, schedule, reward, backend) goes through a registry; the loop
 never special-cases one.
 """
@@ -56,6 +61,7 @@ from apo_cli.checkpoint import (
     RunLock,
     atomic_write_text,
     check_run_dir,
+    checkpoint_path,
     latest_good_checkpoint,
     load_weights_into,
     read_torch_state,
@@ -70,12 +76,22 @@ from apo_cli.errors import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     ApoError,
+    BackendError,
     CheckpointError,
     Interrupted,
     RunDirError,
     TrainingError,
+    UsageError,
 )
 from apo_cli.metrics import MetricsWriter, truncate_jsonl_after
+from apo_cli.parallel import (
+    World,
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_full_model_state,
+    load_optimizer_state,
+)
 from apo_cli.recipe import Recipe, recipe_to_yaml
 from backends import SamplingParams, create_backend
 
@@ -128,10 +144,13 @@ class DataOrder:
 
 
 class _StopFlag:
-    """First SIGINT/SIGTERM: finish the step, save, exit 130/143. Second: abort now."""
+    """First SIGINT/SIGTERM: finish the step, save, exit 130/143. Second: abort now (under torchrun,
+    not within ``echo_window`` seconds of the first: torchrun repeats the terminal's Ctrl-C)."""
 
-    def __init__(self) -> None:
+    def __init__(self, echo_window: float = 0.0) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0
+        self._echo_window = echo_window
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
@@ -148,9 +167,14 @@ class _StopFlag:
         return False
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
         if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
+            # torchrun passes a Ctrl-C on to its workers, which the terminal already sent them:
+            # under torchrun a repeat within the echo window is that echo, not a second Ctrl-C
+            if now - self._first_at > self._echo_window:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._first_at = signum, now
 
 
 def _seed_everything(seed: int) -> None:
@@ -170,6 +194,7 @@ class Trainer:
         from apo_cli.rewards import RewardSet
 
         self.recipe = r = recipe
+        self.world = World.from_env()  # several processes under torchrun (apo_cli/parallel.py)
         self.run_dir = r.resolved_output_dir()
         if resume_from is not None:
             verify_checkpoint(Path(resume_from))  # a missing or corrupted checkpoint fails before anything loads
@@ -186,23 +211,28 @@ class Trainer:
         if not self.examples:
             raise ApoError(f"no training examples from {r.data.source} after filters and limits")
         self.rewards = RewardSet(r.rewards)
-        _preflight(r)
+        _preflight(r, quiet=not self.world.is_main)
+        if self.world.distributed:
+            _check_world(r, self.world)
         self.max_steps = r.run.max_steps or max(1, math.ceil(r.run.epochs * len(self.examples) / r.rollout.prompts_per_step))
 
         _seed_everything(r.run.seed)
         self.backend = create_backend(r.backend)
+        if self.world.distributed and not getattr(self.backend, "supports_torchrun", False):
+            raise BackendError(f"backend {r.backend.kind!r} does not run under torchrun; run one process")
         model, self.tok, self.model_path = load_policy(r.model, seed=r.run.seed, device_dtype=self._device_dtype())
+        ref = self._make_reference(model) if r.algorithm.kl_coef > 0 else None  # a copy before any sharding
         self.model = self.backend.setup(model, self.tok)
         self.device = getattr(self.backend, "device", torch.device("cpu"))
         self.context = context_length(self.model, r.model)
         self.autocast = getattr(self.backend, "autocast", None)
-        self.ref_model = self._make_reference() if r.algorithm.kl_coef > 0 else None
+        self.ref_model = None if ref is None else self._place_reference(ref)
         self._render = lambda ex: render_prompt(ex, r.data, self.tok)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         # fused on CPU: one kernel for all parameters instead of per-tensor ops (~3x less optimizer time)
         self.optimizer = torch.optim.AdamW(params, lr=r.optim.lr, betas=r.optim.betas, weight_decay=r.optim.weight_decay,
-                                           fused=self.device.type == "cpu")
+                                           fused=self.device.type == "cpu" and not is_sharded(self.model))
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
         self.alpha_schedule = make_alpha_schedule(r.algorithm.alpha, self.max_steps)
         self.tau_schedule = TauSchedule(r.algorithm.tau, r.algorithm.adaptive_tau)
@@ -223,15 +253,22 @@ class Trainer:
         # model.dtype auto: fp32 master weights everywhere; the backend computes in its dtype under autocast
         return "float32"
 
-    def _make_reference(self):
+    def _make_reference(self, model):
         import copy
 
         if self.recipe.model.lora is not None:
             return None  # the reference is the base model: adapters disabled (see _ref_logprobs)
-        ref = copy.deepcopy(self.model).eval()
+        ref = copy.deepcopy(model).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
         return ref
+
+    def _place_reference(self, ref):
+        """The reference where the policy is: on its device, and sharded like it under torchrun."""
+        from apo_cli.parallel import shard
+
+        ref = ref.to(self.device)
+        return shard(ref, self.world, self.device) if is_sharded(self.model) else ref
 
     def _lr_lambda(self):
         o = self.recipe.optim
@@ -266,32 +303,44 @@ class Trainer:
             "objective": self.recipe.algorithm.objective,
         }
 
-    def _torch_state(self, rng: torch.Tensor | None = None) -> dict[str, Any]:
+    def _torch_state(self, optimizer_state: dict[str, Any], rng: torch.Tensor | None = None) -> dict[str, Any]:
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "torch_rng": torch.get_rng_state() if rng is None else rng,
         }
 
     def save(self, trainer_state: dict[str, Any] | None = None, rng: torch.Tensor | None = None) -> Path:
-        """Checkpoint the current state, or ``trainer_state`` + ``rng`` taken before the running step."""
+        """Checkpoint the current state, or ``trainer_state`` + ``rng`` taken before the running step.
+
+        Under torchrun every rank calls it: the full weights and optimizer state are gathered to
+        rank 0, which writes; a failed write stops every rank."""
         ts = trainer_state or self._trainer_state()
-        path = write_checkpoint(
-            self.run_dir,
-            CheckpointPayload(int(ts["step"]), self.model, self.tok, ts, self._torch_state(rng)),
-            keep_last=self.recipe.checkpoint.keep_last,
-        )
-        self._last_saved, self._last_path = int(ts["step"]), path
-        return path
+        step = int(ts["step"])
+        if is_sharded(self.model):
+            weights, optim = full_model_state(self.model), full_optimizer_state(self.model, self.optimizer)
+        else:
+            weights, optim = None, self.optimizer.state_dict()
+        error = None
+        if self.world.is_main:
+            try:
+                write_checkpoint(self.run_dir, CheckpointPayload(step, self.model, self.tok, ts,
+                                                                 self._torch_state(optim, rng), weights),
+                                 keep_last=self.recipe.checkpoint.keep_last)
+            except ApoError as e:
+                error = e
+        self.world.raise_if_any(error)
+        self._last_saved, self._last_path = step, checkpoint_path(self.run_dir, step)
+        return self._last_path
 
     def restore(self, path: Path, *, verified: bool = False) -> None:
         if not verified:
             verify_checkpoint(path)
         ts = read_trainer_state(path)
         tt = read_torch_state(path)
-        load_weights_into(self.model, path)
+        load_weights_into(self.model, path, load=_load_sharded if is_sharded(self.model) else None)
         try:
-            self.optimizer.load_state_dict(tt["optimizer"])
+            load_optimizer_state(self.model, self.optimizer, tt["optimizer"])
             self.lr_scheduler.load_state_dict(tt["lr_scheduler"])
             torch.set_rng_state(tt["torch_rng"])
             self.step = int(ts["step"])
@@ -308,6 +357,8 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------------
 
     def rollout(self) -> tuple[Rollout, list, dict[str, float]]:
+        """Sample and score this step's groups. Under torchrun each rank samples and scores its own
+        block of the prompts and the rollout is gathered, so every rank returns the whole step."""
         r = self.recipe
         idx = self.order.take(r.rollout.prompts_per_step)
         examples = [self.examples[i] for i in idx]
@@ -321,16 +372,33 @@ class Trainer:
                 ids = ids[-limit:]
                 self.truncated_prompts += 1
             prompt_ids.append(ids)
+        mine = self.world.shard(len(examples))
         params = SamplingParams(
             n=self.G, max_new_tokens=r.rollout.max_new_tokens, temperature=r.rollout.temperature,
             top_p=r.rollout.top_p, top_k=r.rollout.top_k, stop=tuple(r.rollout.stop),
-            seed=_step_seed(r.run.seed, self.step),
+            seed=_step_seed(r.run.seed, self.step) + self.world.rank,  # each rank draws its own samples
         )
-        groups = self.backend.generate(prompt_ids, params)
-        flat = [c for g in groups for c in g]
-        completions = [self.tok.decode(c.ids, skip_special_tokens=True) for c in flat]
         rep = lambda xs: [x for x in xs for _ in range(self.G)]  # noqa: E731
-        out = self.rewards(rep(texts), completions, [c.ids for c in flat], rep(examples))
+        part, error = None, None
+        try:
+            groups = self.backend.generate([prompt_ids[i] for i in mine], params)
+            flat = [c for g in groups for c in g]
+            completions = [self.tok.decode(c.ids, skip_special_tokens=True) for c in flat]
+            out = self.rewards(rep([texts[i] for i in mine]), completions, [c.ids for c in flat],
+                               rep([examples[i] for i in mine]))
+            part = (flat, completions, out)
+        except Exception as e:  # noqa: BLE001 - every rank must learn that this step failed
+            if not self.world.distributed:
+                raise
+            error = e
+        self.world.raise_if_any(error)
+        if self.world.distributed:
+            from apo_cli.rewards import merge_outputs
+
+            parts = self.world.gather(part)
+            flat = [c for p in parts for c in p[0]]
+            completions = [c for p in parts for c in p[1]]
+            out = merge_outputs([p[2] for p in parts])
         rewards = torch.tensor(out.total, dtype=torch.float32)
         group_ids = torch.arange(len(examples)).repeat_interleave(self.G)
         std_mode = resolved(r.algorithm, "advantage_std")
@@ -366,18 +434,30 @@ class Trainer:
             for k, i in enumerate(chunk):
                 anchors[i] = logp[k, : len(ro.completion_ids[i])].detach()
 
-    def update(self, ro: Rollout, alpha: float, tau: float, anchors: dict[int, torch.Tensor]) -> dict[str, float]:
-        """All optimizer steps of one rollout. Returns the step's averaged training metrics."""
+    def _plan(self, n_groups: int) -> list[list[list[int]]]:
+        """The groups this process trains on: [epoch][mini-batch] -> group indices. The groups are
+        shuffled as whole groups and split into mini-batches; under torchrun each rank takes its
+        block of every mini-batch, so the ranks together make exactly the one-process update."""
         a = self.recipe.algorithm
-        n_groups = len(ro.rewards) // self.G
         gen = torch.Generator().manual_seed(_step_seed(self.recipe.run.seed, self.step) + 1)
         plans = []
         for _ in range(a.epochs):
             perm = torch.randperm(n_groups, generator=gen).tolist()
             per = n_groups // a.mini_batches
-            plans.append([perm[i * per : (i + 1) * per] for i in range(a.mini_batches)])
-        first_rows = {g * self.G + j for g in plans[0][0] for j in range(self.G)}
-        rest = [i for i in range(len(ro.rewards)) if i not in first_rows and i not in anchors]
+            batches = [perm[i * per : (i + 1) * per] for i in range(a.mini_batches)]
+            plans.append([[mb[k] for k in self.world.shard(len(mb))] for mb in batches])
+        return plans
+
+    def _rows(self, groups: list[int]) -> list[int]:
+        return [g * self.G + j for g in groups for j in range(self.G)]
+
+    def update(self, ro: Rollout, alpha: float, tau: float, anchors: dict[int, torch.Tensor],
+               plans: list[list[list[int]]]) -> dict[str, float]:
+        """All optimizer steps of one rollout. Returns the step's averaged training metrics."""
+        a = self.recipe.algorithm
+        first_rows = set(self._rows(plans[0][0]))
+        mine = dict.fromkeys(i for epoch in plans for mb in epoch for i in self._rows(mb))
+        rest = [i for i in mine if i not in first_rows and i not in anchors]
         if rest and (a.mini_batches > 1 or a.epochs > 1):
             self._anchor_pass(rest, ro, anchors)
         acc: dict[str, float] = {}
@@ -385,7 +465,7 @@ class Trainer:
         grad_norms = []
         for epoch_plan in plans:
             for mb_groups in epoch_plan:
-                rows = [g * self.G + j for g in mb_groups for j in range(self.G)]
+                rows = self._rows(mb_groups)
                 m, gn = self._optimizer_step(ro, rows, alpha, tau, anchors)
                 if gn is not None:
                     grad_norms.append(gn)
@@ -393,13 +473,19 @@ class Trainer:
                     acc[k] = acc.get(k, 0.0) + v * len(rows)
                 weight += len(rows)
         out = {k: v / max(weight, 1) for k, v in acc.items()}
+        if self.world.distributed:  # every rank trained on as many rows: means of means, losses add up
+            out = self.world.mean(out)
+            if "loss" in out:
+                out["loss"] *= self.world.size
         out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
         return out
 
     def _optimizer_step(self, ro, rows, alpha, tau, anchors):
         o, a = self.recipe.optim, self.recipe.algorithm
-        total_tokens = float(sum(len(ro.completion_ids[i]) for i in rows))
-        ctx = LossContext(alpha=alpha, tau=tau, total_groups=len(rows) // self.G, total_seqs=len(rows),
+        world = self.world.size
+        # normalisers of the whole mini-batch: this rank's rows and the other ranks' (as many rows each)
+        total_tokens = float(sum(self.world.gather(sum(len(ro.completion_ids[i]) for i in rows))))
+        ctx = LossContext(alpha=alpha, tau=tau, total_groups=world * len(rows) // self.G, total_seqs=world * len(rows),
                           total_tokens=max(total_tokens, 1.0), max_new_tokens=self.recipe.rollout.max_new_tokens)
         self.optimizer.zero_grad(set_to_none=True)
         acc: dict[str, float] = {}
@@ -419,10 +505,11 @@ class Trainer:
             batch = LossBatch(logp=logp, logp_old=old, mask=mask, advantages=ro.advantages[chunk].to(self.device),
                               group_ids=ro.group_ids[chunk].to(self.device), logp_ref=ref)
             loss, m = self.objective.fn(batch, a, ctx)
-            if not torch.isfinite(loss):
+            if not self.world.all_true(bool(torch.isfinite(loss))):  # one rank's NaN skips the step on all
                 finite = False
                 break
-            loss.backward()
+            # FSDP averages the gradients over the ranks; the loss is already a share of the whole sum
+            (loss * world if world > 1 else loss).backward()
             m = dict(m)
             m["loss"] = float(loss.detach())
             m["entropy"] = float((ent.sum() / mask.sum().clamp(min=1)).item())
@@ -435,6 +522,7 @@ class Trainer:
             params = [p for p in self.model.parameters() if p.grad is not None]
             max_norm = o.grad_clip if o.grad_clip is not None else float("inf")
             gn = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # sharded: the norm of all shards
             finite = bool(torch.isfinite(gn))
             grad_norm = float(gn)
         if finite:
@@ -457,15 +545,16 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunDirError(f"cannot create run directory {self.run_dir}: {e.strerror or e}") from None
-        dash = make_dashboard(r.logging.dashboard, r.run.name, self.max_steps)
-        with RunLock(self.run_dir):
+        main = self.world.is_main  # under torchrun only rank 0 shows and writes anything
+        dash = make_dashboard(r.logging.dashboard, r.run.name, self.max_steps, muted=not main)
+        with self.world.on_main(RunLock(self.run_dir)):
             notes = self._start()
             if self.step >= self.max_steps:
                 dash.message(f"run {r.run.name} is already finished ({self.step}/{self.max_steps} steps)")
                 return latest_good_checkpoint(self.run_dir)
             metrics = MetricsWriter(self.run_dir / r.logging.metrics_file,
-                                    self.run_dir / "tb" if r.logging.tensorboard else None)
-            with _StopFlag() as stop, dash:
+                                    self.run_dir / "tb" if r.logging.tensorboard else None) if main else _NoMetrics()
+            with _StopFlag(echo_window=1.0 if self.world.distributed else 0.0) as stop, dash:
                 for n in notes:
                     dash.message(n, "yellow")
                 try:
@@ -478,7 +567,8 @@ class Trainer:
     def _start(self) -> list[str]:
         """Clean up after a killed run, restore the state to resume from, cut the logs back to it."""
         notes = []
-        if remove_stale_temp(self.run_dir):
+        main = self.world.is_main
+        if main and remove_stale_temp(self.run_dir):
             notes.append("removed the partial files of an interrupted checkpoint or log write")
         if self.resume:
             # both were verified already: the --resume-from one in __init__, the latest good one here
@@ -490,10 +580,11 @@ class Trainer:
                 notes.append(f"resumed from {ckpt} at step {self.step}")
         if self.step >= self.max_steps:  # finished: leave the run directory as it is
             return notes
-        # lines of steps after the checkpoint are redone: drop them so each step is logged once
-        truncate_jsonl_after(self.run_dir / self.recipe.logging.metrics_file, self.step)
-        truncate_jsonl_after(self.run_dir / "samples.jsonl", self.step)
-        atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
+        if main:
+            # lines of steps after the checkpoint are redone: drop them so each step is logged once
+            truncate_jsonl_after(self.run_dir / self.recipe.logging.metrics_file, self.step)
+            truncate_jsonl_after(self.run_dir / "samples.jsonl", self.step)
+            atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
         self._last_saved = self.step
         return notes
 
@@ -507,8 +598,9 @@ class Trainer:
             except Exception:
                 self._save_before_failure(*before, dash=dash)
                 raise
-            metrics.write(record)
-            _append_samples(samples_path, samples)
+            if self.world.is_main:
+                metrics.write(record)
+                _append_samples(samples_path, samples)
             dash.update(record, samples)
             if self.consecutive_skips >= r.optim.max_consecutive_skips:
                 path = self.save()
@@ -517,10 +609,11 @@ class Trainer:
                     f"stopped at step {self.step} (weights untouched since the last good step, saved in {path})",
                     hint="lower optim.lr or check the rewards",
                 )
-            if stop.signum is not None:
+            signum = self.world.max(stop.signum or 0)  # a signal to any rank stops all after this step
+            if signum:
                 path = self.save()
-                code = EXIT_TERMINATED if stop.signum == signal.SIGTERM else EXIT_INTERRUPTED
-                name = "SIGTERM" if stop.signum == signal.SIGTERM else "SIGINT"
+                code = EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
+                name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
                 raise Interrupted(f"{name}: stopped at step {self.step}; saved {path} (resume with --resume)", code)
             if self.step % r.checkpoint.every == 0 or self.step == self.max_steps:
                 self.save()
@@ -548,9 +641,13 @@ class Trainer:
         ro, correct, roll_metrics = self.rollout()
         t_roll = time.perf_counter()
         anchors: dict[int, torch.Tensor] = {}
+        plans = self._plan(len(ro.rewards) // self.G)
         if ro.engine_logprobs is None:  # signals need the rollout policy's log-probs: take the anchor pass
-            self._anchor_pass(list(range(len(ro.rewards))), ro, anchors)
-            seq_lp = torch.tensor([float(anchors[i].mean()) if anchors[i].numel() else 0.0 for i in range(len(ro.rewards))])
+            rows = sorted({i for epoch in plans for mb in epoch for i in self._rows(mb)})
+            self._anchor_pass(rows, ro, anchors)
+            local = {i: float(anchors[i].mean()) if anchors[i].numel() else 0.0 for i in rows}
+            every = {i: v for part in self.world.gather(local) for i, v in part.items()}  # each row on some rank
+            seq_lp = torch.tensor([every[i] for i in range(len(ro.rewards))])
         else:
             seq_lp = torch.tensor([sum(lp) / max(len(lp), 1) for lp in ro.engine_logprobs])
         vocab = int(getattr(self.model.config, "vocab_size", len(self.tok)))
@@ -559,8 +656,8 @@ class Trainer:
         alpha = self.alpha_schedule.step(sig) if self.objective.uses_alpha else 1.0
         tau = self.tau_schedule.step(sig)
         self._phase = "update"
-        train_metrics = self.update(ro, alpha, tau, anchors)
-        train_metrics.update(_engine_mismatch(ro, anchors))
+        train_metrics = self.update(ro, alpha, tau, anchors, plans)
+        train_metrics.update(self.world.mean(_engine_mismatch(ro, anchors)))
         sync_s = self.backend.sync_weights()
         t_end = time.perf_counter()
         lengths = [len(c) for c in ro.completion_ids]
@@ -611,7 +708,35 @@ def _engine_mismatch(ro: Rollout, anchors: dict[int, torch.Tensor]) -> dict[str,
     return {"sampling/logprob_diff_mean": float(d.mean()), "sampling/logprob_diff_max": float(d.max())}
 
 
-def _preflight(recipe: Recipe) -> None:
+class _NoMetrics:
+    """The metrics writer of a rank other than 0."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _load_sharded(model: Any, state: dict[str, Any]) -> tuple[list[str], list[str]]:
+    return load_full_model_state(model, state)
+
+
+def _check_world(recipe: Recipe, world: World) -> None:
+    """Every rank trains on as many whole groups, in as many mini-batches (FSDP needs every rank to
+    run the same forward and backward passes)."""
+    b, mb = recipe.rollout.prompts_per_step, recipe.algorithm.mini_batches
+    unit = world.size * mb
+    if b % unit:
+        what = f"{world.size} torchrun processes" + (f" × algorithm.mini_batches={mb}" if mb > 1 else "")
+        near = sorted({max(unit, b // unit * unit), (b // unit + 1) * unit})
+        raise UsageError(f"rollout.prompts_per_step={b} must be a multiple of {unit} ({what}), so that every "
+                         f"process trains as many whole groups; try {' or '.join(map(str, near))}")
+    if recipe.model.lora is not None:
+        raise BackendError("LoRA under torchrun is not supported yet: run one process, or train all weights")
+
+
+def _preflight(recipe: Recipe, *, quiet: bool = False) -> None:
     """Warnings and errors of the preflight checks (apo validate --preflight); errors stop the run here."""
     from rich.console import Console
     from rich.markup import escape
@@ -623,6 +748,8 @@ def _preflight(recipe: Recipe) -> None:
     errors = [f.message for f in findings if f.level == "error"]
     if errors:  # one line, like every other error
         raise DataError(errors[0] + (f" (and {len(errors) - 1} more: apo validate --preflight)" if len(errors) > 1 else ""))
+    if quiet:
+        return
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     for f in findings:
         if f.level == "warning":

@@ -33,21 +33,25 @@ from typing import Any
 
 import torch
 
+from apo_cli.parallel import World, destroy_process_group, gathered, init_process_group, shard
 from backends import Completion, SamplingParams
 
 
 class CPUBackend:
     name = "cpu"
+    supports_torchrun = True  # several processes: gloo, the policy sharded with FSDP2 (apo_cli/parallel.py)
 
     def __init__(self, spec: Any):
         self.spec = spec
         self.model: Any = None
         self.tokenizer: Any = None
         self.device = torch.device("cpu")
+        self.world = World.from_env()
         # a transformers streamer (``put``/``end``, e.g. TextStreamer with skip_prompt=True): fed the
         # prompt, then each token as it is sampled, when a call samples exactly one completion
         self.streamer: Any = None
-        threads = getattr(spec, "threads", None) or os.cpu_count() or 1
+        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.world.distributed else 1
+        threads = getattr(spec, "threads", None) or max(1, (os.cpu_count() or 1) // max(local_procs, 1))
         torch.set_num_threads(threads)
         self.autocast_dtype = torch.bfloat16 if getattr(spec, "dtype", "float32") == "bfloat16" else None
 
@@ -55,6 +59,9 @@ class CPUBackend:
 
     def setup(self, model: Any, tokenizer: Any) -> Any:
         self.model = model.to(self.device)
+        if self.world.distributed:
+            init_process_group(self.world, "gloo")
+            self.model = shard(self.model, self.world, self.device)
         self.tokenizer = tokenizer
         return self.model
 
@@ -64,12 +71,16 @@ class CPUBackend:
             return contextlib.nullcontext()
         return torch.autocast("cpu", dtype=self.autocast_dtype)
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         if not prompts:
             return []
-        tok = self.tokenizer
         model = _callable_policy(self.model)
+        with gathered(model):  # a sharded policy: full weights once, then no collective per token
+            return self._generate(model, prompts, params)
+
+    @torch.inference_mode()
+    def _generate(self, model: Any, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        tok = self.tokenizer
         stops = eos_ids(model, tok)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
         if params.seed is not None:
@@ -105,6 +116,8 @@ class CPUBackend:
 
     def close(self) -> None:
         self.model = None
+        if self.world.distributed:
+            destroy_process_group()
 
 
 def eos_ids(model: Any, tok: Any) -> list[int]:

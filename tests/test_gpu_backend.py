@@ -130,11 +130,11 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from apo_cli.models import build_char_tokenizer, tiny_config
-    from backends.gpu.distributed import World, full_named_tensors, init_process_group, shard
+    from apo_cli.parallel import World, full_named_tensors, init_process_group, shard
 
     w = World.from_env()
     device = torch.device("cpu")
-    init_process_group(w, device)
+    init_process_group(w, "gloo")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(len(build_char_tokenizer())))
     full = {k: v.clone() for k, v in model.state_dict().items()}

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from apo_cli.rewards.builtin import BUILTINS, Scores
 from apo_cli.rewards.extract import extract_answer, extract_gold
-from apo_cli.rewards.rewardset import RewardOutput, RewardSet
+from apo_cli.rewards.rewardset import RewardOutput, RewardSet, merge_outputs
 
 REWARDS = dict(BUILTINS)
 
-__all__ = ["REWARDS", "RewardOutput", "RewardSet", "Scores", "extract_answer", "extract_gold"]
+__all__ = ["REWARDS", "RewardOutput", "RewardSet", "Scores", "extract_answer", "extract_gold", "merge_outputs"]

@@ -57,6 +57,56 @@ class RewardOutput:
     correct: list[bool] | None  # [N] any verifying reward says correct; None without a verifying reward
     metrics: dict[str, float]  # rewards/<name>/{mean,std,none_frac,errors,timeouts,...}, rewards/all_none
     per_reward: dict[str, list[float | None]] = field(default_factory=dict)  # [N] each reward's raw values
+    counts: dict[str, Counter] = field(default_factory=dict)  # each reward's failure and event counters
+
+
+def merge_outputs(parts: list[RewardOutput]) -> RewardOutput:
+    """The output for the concatenation of the parts' completions (the ranks of a torchrun step),
+    with its metrics computed over all of them, as one call on every completion would give."""
+    if len(parts) == 1:
+        return parts[0]
+    total = [v for p in parts for v in p.total]
+    keys = list(parts[0].per_reward)
+    per_reward = {k: [v for p in parts for v in p.per_reward[k]] for k in keys}
+    counts = {k: sum((Counter(p.counts.get(k, {})) for p in parts), Counter()) for k in keys}
+    correct = None
+    if any(p.correct is not None for p in parts):
+        correct = [bool(c) for p in parts for c in (p.correct or [False] * len(p.total))]
+    return RewardOutput(total=total, correct=correct, metrics=_step_metrics(per_reward, counts, correct),
+                        per_reward=per_reward, counts=counts)
+
+
+def _step_metrics(per_reward: dict[str, list[float | None]], counts: dict[str, Counter],
+                  correct: list[bool] | None) -> dict[str, float]:
+    """rewards/<name>/{mean,std,none_frac,errors,timeouts,<counters>}, rewards/all_none, correct_frac."""
+    metrics: dict[str, float] = {}
+    n = len(next(iter(per_reward.values()), []))
+    judged = [False] * n
+    for key, values in per_reward.items():
+        metrics.update(_reward_metrics(key, values, counts.get(key, Counter())))
+        for i, v in enumerate(values):
+            judged[i] = judged[i] or v is not None
+    metrics["rewards/all_none"] = float(n - sum(judged))
+    if correct is not None and n:
+        metrics["rewards/correct_frac"] = sum(correct) / n
+    return metrics
+
+
+def _reward_metrics(key: str, values: list[float | None], counts: Counter) -> dict[str, float]:
+    n = len(values)
+    vals = [v for v in values if v is not None]
+    mean = sum(vals) / len(vals) if vals else 0.0
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) if vals else 0.0
+    out = {
+        f"rewards/{key}/mean": mean,
+        f"rewards/{key}/std": std,
+        f"rewards/{key}/none_frac": (n - len(vals)) / n if n else 0.0,
+        f"rewards/{key}/errors": float(counts.get("errors", 0)),
+        f"rewards/{key}/timeouts": float(counts.get("timeouts", 0)),
+    }
+    for name, count in counts.items():
+        out.setdefault(f"rewards/{key}/{name}", float(count))
+    return out
 
 
 @dataclass
@@ -202,25 +252,21 @@ class RewardSet:
                 f"{len(examples)} examples must align"
             )
         total = [0.0] * n
-        judged = [False] * n
         correct: list[bool] | None = None
-        metrics: dict[str, float] = {}
         per_reward: dict[str, list[float | None]] = {}
+        counts: dict[str, Counter] = {}
         for r in self._rewards:
             part = self._score(r, prompts, completions, completion_ids, examples)
             per_reward[r.key] = part.values
-            metrics.update(self._metrics(r.key, part, n))
+            counts[r.key] = part.counts
             for i, v in enumerate(part.values):
                 if v is not None:
                     total[i] += r.spec.weight * v
-                    judged[i] = True
             if r.verifies or part.correct is not None:
                 flags = part.correct or [None] * n
                 correct = [bool((correct or [False] * n)[i] or flags[i]) for i in range(n)]
-        metrics["rewards/all_none"] = float(n - sum(judged))
-        if correct is not None and n:
-            metrics["rewards/correct_frac"] = sum(correct) / n
-        return RewardOutput(total=total, correct=correct, metrics=metrics, per_reward=per_reward)
+        return RewardOutput(total=total, correct=correct, metrics=_step_metrics(per_reward, counts, correct),
+                            per_reward=per_reward, counts=counts)
 
     def _kwargs(self, r: _Bound, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
                 examples: list[Any], s: int, e: int) -> dict[str, Any]:
@@ -291,19 +337,3 @@ class RewardSet:
             f"reward {key} failed on a call ({k} samples scored None); later failures are only counted:\n"
             f"{text.rstrip()}\n"
         )
-
-    @staticmethod
-    def _metrics(key: str, part: _Partial, n: int) -> dict[str, float]:
-        vals = [v for v in part.values if v is not None]
-        mean = sum(vals) / len(vals) if vals else 0.0
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) if vals else 0.0
-        out = {
-            f"rewards/{key}/mean": mean,
-            f"rewards/{key}/std": std,
-            f"rewards/{key}/none_frac": (n - len(vals)) / n if n else 0.0,
-            f"rewards/{key}/errors": float(part.counts.get("errors", 0)),
-            f"rewards/{key}/timeouts": float(part.counts.get("timeouts", 0)),
-        }
-        for name, count in part.counts.items():
-            out.setdefault(f"rewards/{key}/{name}", float(count))
-        return out

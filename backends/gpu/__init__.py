@@ -15,8 +15,10 @@ Chosen with ``backend: {kind: gpu}``; its knobs are ``GPUBackendSpec`` (apo_cli/
 
 ``rollout: hf`` needs no vLLM: it is the CPU backend's generation code (stop strings on decoded text,
 EOS ids, raw-logit log-probs) run on the GPU, and ``sync_weights`` is a no-op because the engine is
-the policy. Under ``torchrun`` (one node, several GPUs) the policy is sharded with FSDP2 and every
-rank holds a tensor-parallel shard of the engine; that path is experimental (docs/gpu.md).
+the policy. Under ``torchrun`` (one node, several GPUs) the loop is data parallel
+(apo_cli/parallel.py): the policy is sharded with FSDP2, each rank samples its own prompts, and
+the engine is replicated over groups of ``tensor_parallel_size`` ranks (each group samples the
+prompts of its ranks together, each rank holding one tensor-parallel shard). See docs/gpu.md.
 
 Missing vLLM or CUDA fails at construction, before any model is loaded, with one line
 (backends/_optional.py holds the checks and the supported vLLM window).
@@ -25,8 +27,8 @@ Missing vLLM or CUDA fails at construction, before any model is loaded, with one
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
-import os
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -37,13 +39,14 @@ from apo_cli.errors import BackendError
 from backends import Completion, SamplingParams
 from backends._optional import cuda_problem, vllm_problem
 from backends.cpu import CPUBackend, eos_ids
-from backends.gpu.distributed import World, full_named_tensors, init_process_group, shard
+from apo_cli.parallel import World, destroy_process_group, full_named_tensors, init_process_group, shard
 
 __all__ = ["GPUBackend"]
 
 
 class GPUBackend:
     name = "gpu"
+    supports_torchrun = True
 
     def __init__(self, spec: Any, *, _device: str | None = None, _engine_overrides: dict[str, Any] | None = None):
         """``_device`` and ``_engine_overrides`` exist for the ``vllm``-marked tests, which run the
@@ -53,7 +56,7 @@ class GPUBackend:
             raise BackendError(problem)
         if spec.rollout == "vllm" and (problem := vllm_problem()):
             raise BackendError(problem)
-        self.world = World.from_env() if _device is None else World()
+        self.world = World.from_env()
         _check_world(self.world, spec)
         if _device is None:
             self.device = torch.device("cuda", self.world.local_rank)
@@ -68,12 +71,16 @@ class GPUBackend:
         self._autocast_dtype: torch.dtype | None = None
         self._eos: list[int] = []
         self._engine_stale = True  # the engine has not seen the policy's weights yet
+        self._tp_group: Any = None  # the ranks that share this rank's engine, when it spans several
         self.sync_count = 0
 
     # -- Protocol ---------------------------------------------------------------------------------
 
     def setup(self, model: Any, tokenizer: Any) -> Any:
-        init_process_group(self.world, self.device)
+        if self.device.type == "cuda":
+            init_process_group(self.world, "nccl", device_id=self.device)
+        else:  # the vllm-marked tests, on CPU
+            init_process_group(self.world, "gloo")
         lora_rank = _lora_rank(model)
         if lora_rank is not None and self.world.size > 1:
             raise BackendError("LoRA with more than one GPU is not supported yet: run on one GPU, or train all weights")
@@ -82,6 +89,12 @@ class GPUBackend:
         model = model.to(self.device)
         if self.world.size > 1:
             model = shard(model, self.world, self.device)
+            tp = self.spec.tensor_parallel_size
+            if self.spec.rollout == "vllm" and tp > 1:
+                import torch.distributed as dist
+
+                self._tp_group, _ = dist.new_subgroups_by_enumeration(
+                    [list(range(start, start + tp)) for start in range(0, self.world.size, tp)])
         self.model, self.tokenizer = model, tokenizer
         self._eos = eos_ids(model, tokenizer)
         if self.spec.rollout == "hf":
@@ -93,6 +106,7 @@ class GPUBackend:
                 self.spec, model_path=_model_path(model), tokenizer_path=_tokenizer_path(tokenizer, model),
                 dtype="float16" if weights_dtype == torch.float16 else "bfloat16", lora_rank=lora_rank,
                 sleep_mode=self.spec.sleep_mode and _sleep_mode_available(), world_size=self.world.size,
+                seed=self.world.rank // self.spec.tensor_parallel_size,
             )
             kw.update(self._engine_overrides)
             self.engine = VLLMEngine(kw)
@@ -112,9 +126,24 @@ class GPUBackend:
         if self._engine_stale:
             self.sync_weights()
         try:
-            return self.engine.generate(prompts, params, self._eos)
+            if self._tp_group is None:
+                return self.engine.generate(prompts, params, self._eos)
+            return self._generate_in_group(prompts, params)
         finally:
             self.engine.sleep()
+
+    def _generate_in_group(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """The ranks of one tensor-parallel engine sample the union of their prompts together (with
+        the first rank's seed, so every shard draws the same tokens) and each keeps its own."""
+        import torch.distributed as dist
+
+        tp = self.spec.tensor_parallel_size
+        parts: list[Any] = [None] * tp
+        dist.all_gather_object(parts, (prompts, params.seed), group=self._tp_group)
+        union = [p for ps, _ in parts for p in ps]
+        out = self.engine.generate(union, dataclasses.replace(params, seed=parts[0][1]), self._eos)
+        start = sum(len(ps) for ps, _ in parts[: self.world.rank % tp])
+        return out[start : start + len(prompts)]
 
     def sync_weights(self) -> float:
         if self.engine is None:
@@ -145,32 +174,23 @@ class GPUBackend:
         self.model = None
         gc.collect()
         if self.world.size > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            destroy_process_group()
 
 
 # -- helpers --------------------------------------------------------------------------------------
 
 
-MULTI_GPU_OPT_IN = "APO_MULTI_GPU"  # the multi-GPU path is experimental: see docs/gpu.md
-
-
 def _check_world(world: World, spec: Any) -> None:
-    """One process per GPU, and (with vLLM) one engine tensor-parallel over all of them."""
+    """One process per GPU; with vLLM, one engine per group of ``tensor_parallel_size`` processes."""
     tp = spec.tensor_parallel_size
     if world.size == 1:
         if tp > 1:
             raise BackendError(f"backend.tensor_parallel_size={tp} needs one process per GPU: "
                                f"torchrun --nproc-per-node={tp} -m apo_cli train RECIPE")
         return
-    if os.environ.get(MULTI_GPU_OPT_IN) != "1":
-        raise BackendError(f"training on {world.size} GPUs is experimental and the loop does not shard its "
-                           f"checkpoints yet (set {MULTI_GPU_OPT_IN}=1 to try it; see docs/gpu.md)")
-    if spec.rollout == "vllm" and tp != world.size:
-        raise BackendError(f"backend.tensor_parallel_size={tp} must equal the {world.size} torchrun processes: "
-                           f"every rank holds one shard of the colocated engine")
+    if spec.rollout == "vllm" and world.size % tp:
+        raise BackendError(f"backend.tensor_parallel_size={tp} must divide the {world.size} torchrun processes: "
+                           f"each group of {tp} holds one engine")
 
 
 def _hf_generator(model: Any, tokenizer: Any, device: torch.device, autocast) -> CPUBackend:

@@ -1,0 +1,310 @@
+"""Several processes on one node, launched with ``torchrun``: what the loop and the backends share.
+
+Data parallel, with the policy sharded by FSDP2. Every rank holds the same data order and takes
+the same ``prompts_per_step`` prompts, then keeps its own contiguous block of them
+(:meth:`World.shard`): it samples their groups, scores them, and trains on them. The groups never
+straddle ranks, so advantages are local; everything that looks at the whole step (schedule
+signals, alpha and tau, metrics, samples) is computed from the rollout gathered from all ranks
+(:meth:`World.gather`), identically on every rank. Loss normalisers are the totals of the whole
+mini-batch over all ranks, and each rank's loss is scaled by the world size because FSDP averages
+gradients: one step with N ranks is the step one process would take on the same rollout.
+
+Only rank 0 writes (metrics, samples, dashboard, checkpoints, the run lock). A checkpoint gathers
+the full weights and optimizer state to rank 0 (``torch.distributed.checkpoint.state_dict``); every
+rank reads a checkpoint back from the shared disk and keeps its shard. Checkpoints are the same files
+whatever the number of ranks, so a run can resume on another number of processes.
+
+Errors: anything that can fail on one rank alone (generation, rewards, a checkpoint write) is
+turned into a status every rank sees (:meth:`World.raise_if_any`), so all ranks stop the same way
+and rank 0 prints the one line; ranks other than 0 never print an :class:`~apo_cli.errors.ApoError`.
+
+Nothing here touches CUDA: the backend chooses the process group (NCCL on GPUs, gloo on CPU), and
+the CPU backend runs this whole path (``torchrun --nproc-per-node=2 -m apo_cli train``) in the tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from apo_cli.errors import ApoError
+
+__all__ = ["World", "PeerError", "init_process_group", "shard", "full_named_tensors", "gathered"]
+
+
+class PeerError(ApoError):
+    """Another rank failed; this rank stops the same way (rank 0 prints the other rank's message)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def from_env(cls) -> World:
+        """What torchrun sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``); without it, one process."""
+        try:
+            return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                       int(os.environ.get("WORLD_SIZE", 1)))
+        except ValueError:
+            return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous block of ``n`` items (``n`` is a multiple of the world size)."""
+        per = n // self.size
+        return range(self.rank * per, (self.rank + 1) * per)
+
+    # -- collectives (no-ops for one process) -----------------------------------------------------
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_true(self, flag: bool) -> bool:
+        return all(self.gather(bool(flag)))
+
+    def max(self, value: int) -> int:
+        return max(self.gather(int(value)))
+
+    def mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each key averaged over the ranks that report it (``.../max`` keys: the maximum)."""
+        if self.size == 1:
+            return dict(metrics)
+        out: dict[str, float] = {}
+        parts = self.gather(metrics)
+        for key in dict.fromkeys(k for p in parts for k in p):
+            vals = [float(p[key]) for p in parts if key in p]
+            out[key] = max(vals) if key.endswith("_max") or key.endswith("/max") else sum(vals) / len(vals)
+        return out
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def raise_if_any(self, error: BaseException | None) -> None:
+        """Collective: when any rank passes an error, every rank raises. The rank that failed raises
+        its own error; the others a :class:`PeerError` with its message and exit code."""
+        if self.size == 1:
+            if error is not None:
+                raise error
+            return
+        if error is None:
+            status = None
+        else:
+            code = error.exit_code if isinstance(error, ApoError) else 1
+            text = str(error) if isinstance(error, ApoError) else f"{type(error).__name__}: {error}"
+            status = (text.splitlines()[0] if text else type(error).__name__, code)
+        statuses = self.gather(status)
+        first = next(((k, s) for k, s in enumerate(statuses) if s is not None), None)
+        if first is None:
+            return
+        if error is not None:
+            raise error
+        k, (text, code) = first
+        raise PeerError(f"rank {k}: {text}" if k else text, code)
+
+    @contextmanager
+    def on_main(self, cm: Any) -> Iterator[None]:
+        """Enter the context manager ``cm`` on rank 0 only; a failure to enter stops every rank."""
+        if self.size == 1:
+            with cm:
+                yield
+            return
+        error = None
+        if self.is_main:
+            try:
+                cm.__enter__()
+            except ApoError as e:
+                error = e
+        self.raise_if_any(error)
+        try:
+            yield
+        finally:
+            if self.is_main:
+                cm.__exit__(None, None, None)
+
+
+def quiet_rank() -> bool:
+    """True in a torchrun process other than rank 0: it leaves the messages to rank 0."""
+    w = World.from_env()
+    return w.size > 1 and w.rank != 0
+
+
+def init_process_group(world: World, backend: str, **kwargs: Any) -> None:
+    """Join the ranks; ``backend`` is the collective library, chosen by the rollout backend (gloo on CPU)."""
+    import torch.distributed as dist
+
+    if world.size <= 1 or dist.is_initialized():
+        return
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size, **kwargs)
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -- FSDP2 ------------------------------------------------------------------------------------------
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face model (the classes it names in ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard(model: Any, world: World, device: torch.device) -> Any:
+    """FSDP2 over all ranks: each decoder layer is one unit, the rest (embeddings, head) the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from apo_cli.errors import BackendError
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise BackendError(f"{type(model).__name__} names no decoder layer class in _no_split_modules; "
+                           "it cannot be sharded over several processes")
+    mesh = init_device_mesh(device.type, (world.size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: Any) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _fsdp_modules(model: Any) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def gathered(model: Any) -> Iterator[None]:
+    """Full weights on every rank for the duration (an FSDP2 policy; otherwise nothing happens).
+
+    Every unit is all-gathered once, in the same order on every rank, and stays gathered through
+    all forwards inside: no collective runs per forward, so ranks may run different numbers of
+    decoding steps. Resharded (the full copies freed) on the way out."""
+    modules = _fsdp_modules(model) if is_sharded(model) else []
+    if not modules:
+        yield
+        return
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def full_named_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full tensor)`` for every entry of the state dict, gathered one at a time.
+
+    Every rank must consume the whole iterator (each DTensor is an all-gather)."""
+    from torch.distributed.tensor import DTensor
+
+    for name, tensor in model.state_dict().items():
+        yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+# -- checkpoint state of a sharded policy -----------------------------------------------------------
+
+
+def _options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(model: Any) -> dict[str, torch.Tensor]:
+    """Collective: the full weights on rank 0 (CPU tensors), an empty dict elsewhere."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options(cpu_offload=True))
+    # a tied weight (lm_head = embeddings) is saved once, as save_pretrained does for an unsharded model
+    own = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in state.items() if k in own}
+
+
+def full_optimizer_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Collective: the full optimizer state keyed by parameter name on rank 0, empty elsewhere."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+
+
+def load_full_model_state(model: Any, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Every rank passes the full weights (read from the checkpoint); each keeps its shard.
+    Returns the missing and unexpected names, as ``load_state_dict(strict=False)`` does."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    result = set_model_state_dict(model, state, options=_options(strict=False))
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def is_named_optimizer_state(state: dict[str, Any]) -> bool:
+    """True for the parameter-name-keyed format :func:`full_optimizer_state` writes."""
+    groups = state.get("param_groups") or [{}]
+    return any(isinstance(p, str) for g in groups for p in g.get("params", []))
+
+
+def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load either format (one process: ``optimizer.state_dict()``; several: parameter names) into
+    this run's optimizer, sharded or not, so a checkpoint resumes on any number of processes."""
+    if not is_named_optimizer_state(state) and not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if not is_named_optimizer_state(state):
+        state = _name_optimizer_state(model, optimizer, state)
+    set_optimizer_state_dict(model, optimizer, state, options=_options())
+
+
+def _name_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` (integer ids in parameter order) keyed by parameter name instead."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    if len(order) != sum(len(g["params"]) for g in state["param_groups"]):
+        raise ValueError(f"the checkpoint's optimizer holds {sum(len(g['params']) for g in state['param_groups'])} "
+                         f"parameters, this run's {len(order)}")
+    named_state = {order[int(i)]: s for i, s in state["state"].items()}
+    groups = [{**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": named_state, "param_groups": groups}

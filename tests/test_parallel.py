@@ -1,0 +1,154 @@
+"""Several processes under torchrun (apo_cli/parallel.py), on CPU with gloo: the same loop as on
+several GPUs, minus NCCL.
+
+The strongest check: with the sampling replaced by a fixed function of the prompt
+(fixtures/dp_driver.py), two processes must take exactly the step one process takes: same rewards,
+alpha and loss, and the same weights up to float summation order. Checkpoints are the same files
+whatever the number of processes, so a run resumes on another number of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import FIXTURES, tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.slow
+
+DRIVER = FIXTURES / "dp_driver.py"
+
+
+def _run(args: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    env = {**os.environ, "APO_DEBUG": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step-{step}" / "model.safetensors"))
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(("error:", "stopped:"))]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same recipe (2 mini-batches, 2 epochs) trained by one process and by two."""
+    root = tmp_path_factory.mktemp("dp")
+    out = {}
+    for name, nproc in (("one", 1), ("two", 2)):
+        d = tiny_recipe(root, name=name, optim={"micro_batch_size": 4}, algorithm={"mini_batches": 2, "epochs": 2})
+        recipe = write_recipe(root, d, f"{name}.yaml")
+        p = _run([str(DRIVER), "train", str(recipe)], nproc, root)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out[name] = (root / name, recipe, p)
+    return out
+
+
+def test_two_processes_take_the_one_process_step(runs):
+    one, _, _ = runs["one"]
+    two, _, p = runs["two"]
+    assert _max_diff(_weights(one, 4), _weights(two, 4)) < 1e-5  # tied weights saved once, as by one process
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [m["step"] for m in m2] == [1, 2, 3, 4]  # rank 0 writes, once per step
+    assert m1[0].keys() == m2[0].keys()
+    for a, b in zip(m1, m2, strict=True):
+        for key in ("reward", "reward_std", "alpha", "confidence", "rewards/frac_a/mean", "completions/mean_length"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), key
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    assert sum(1 for m in m2 if m["grad_norm"] > 0) >= 2  # the comparison is of real updates
+    assert len((two / "samples.jsonl").read_text().splitlines()) == 4
+    assert p.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
+
+
+def _resume_copy(src: Path, recipe: Path, dst: Path, keep: int) -> Path:
+    """``src`` cut back to its step-``keep`` checkpoint, as a run killed after that step."""
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").iterdir():
+        if int(ckpt.name.split("-")[1]) > keep:
+            shutil.rmtree(ckpt)
+    text = recipe.read_text().replace(str(src), str(dst))
+    (dst / "recipe.yaml").write_text((dst / "recipe.yaml").read_text().replace(str(src), str(dst)))
+    out = dst.parent / f"{dst.name}.yaml"
+    out.write_text(text)
+    return out
+
+
+@pytest.mark.parametrize("source,nproc", [("two", 1), ("one", 2)])
+def test_a_run_resumes_on_another_number_of_processes(runs, source, nproc, tmp_path):
+    src, recipe, _ = runs[source]
+    resumed = _resume_copy(src, recipe, tmp_path / f"from-{source}", keep=2)
+    p = _run([str(DRIVER), "train", str(resumed), "--resume"], nproc, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout + p.stderr
+    assert _max_diff(_weights(src, 4), _weights(tmp_path / f"from-{source}", 4)) < 1e-5
+    assert [m["step"] for m in _metrics(tmp_path / f"from-{source}")] == [1, 2, 3, 4]
+
+
+def test_torchrun_with_real_sampling_and_a_kl_reference(tmp_path):
+    """The CPU backend's own sampling on a sharded policy (gathered once per rollout), and a
+    reference model sharded like the policy."""
+    d = tiny_recipe(tmp_path, name="real", algorithm={"kl_coef": 0.05})
+    recipe = write_recipe(tmp_path, d)
+    p = _run(["-m", "apo_cli", "train", str(recipe)], 2, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = _metrics(tmp_path / "real")
+    assert [x["step"] for x in m] == [1, 2, 3, 4]
+    assert all("kl" in x for x in m)
+    assert all(x["completions/mean_length"] > 0 for x in m)
+    assert set(_weights(tmp_path / "real", 4)) == set(load_file(str(_single_checkpoint(tmp_path))))
+
+
+def _single_checkpoint(tmp_path: Path) -> Path:
+    """A one-process checkpoint of the same model, for its tensor names."""
+    d = tiny_recipe(tmp_path, name="single", run={"max_steps": 1})
+    recipe = write_recipe(tmp_path, d, "single.yaml")
+    p = _run(["-m", "apo_cli", "train", str(recipe)], 1, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return tmp_path / "single" / "checkpoints" / "step-1" / "model.safetensors"
+
+
+def test_a_reward_failing_on_one_rank_stops_every_rank_after_saving(tmp_path):
+    d = tiny_recipe(tmp_path, name="rf", rewards=[{"name": f"{FIXTURES / 'rank_rewards.py'}:breaks_on_rank_1"}],
+                    checkpoint={"every": 10})
+    recipe = write_recipe(tmp_path, d)
+    p = _run(["-m", "apo_cli", "train", str(recipe)], 2, tmp_path)
+    assert p.returncode != 0
+    errors = _errors(p.stderr)
+    assert len(errors) == 1, p.stderr[-3000:]  # one line, from rank 0, naming the rank that failed
+    assert errors[0].startswith("error: rank 1: reward breaks_on_rank_1 failed on all 8 samples")
+    assert "judge unreachable" in errors[0]
+    assert [x["step"] for x in _metrics(tmp_path / "rf")] == [1, 2]
+    assert sorted(c.name for c in (tmp_path / "rf" / "checkpoints").iterdir()) == ["step-2"]  # no step lost
+
+
+def test_prompts_that_do_not_split_over_the_processes_are_one_line(tmp_path):
+    d = tiny_recipe(tmp_path, name="odd", rollout={"prompts_per_step": 3}, optim={"micro_batch_size": 4})
+    recipe = write_recipe(tmp_path, d)
+    p = _run(["-m", "apo_cli", "train", str(recipe)], 2, tmp_path)
+    assert p.returncode != 0
+    assert _errors(p.stderr) == ["error: rollout.prompts_per_step=3 must be a multiple of 2 (2 torchrun processes), "
+                                 "so that every process trains as many whole groups; try 2 or 4"]
+    assert not (tmp_path / "odd").exists()
