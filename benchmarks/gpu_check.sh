@@ -8,7 +8,8 @@
 #    character tokenizer, builtin arithmetic), backend gpu with rollout vllm when vLLM is importable,
 #    else rollout hf;
 # 3. prints step time, tokens/s, rollout/train/sync split and peak GPU memory (PyTorch's allocator
-#    and nvidia-smi's device total, which also counts vLLM's memory).
+#    and nvidia-smi's device total, which also counts vLLM's memory);
+# 4. with two GPUs or more, 3 steps of the same recipe under torchrun on 2 of them.
 #
 # Needs python3 with a CUDA build of torch, transformers, peft, typer, rich, pyyaml, safetensors and
 # pytest. Nothing is installed from the network. Pure-Python packages the image lacks (on the
@@ -114,6 +115,13 @@ sys.argv = ["apo", "train", sys.argv[1]]
 runpy.run_module("apo_cli", run_name="__main__")
 EOF
 kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
+
+if [ "$(nvidia-smi -L | grep -c '^GPU')" -ge 2 ]; then
+  stage "training under torchrun: 2 GPUs, 3 steps"
+  timeout 240 $PY -m torch.distributed.run --standalone --nproc-per-node=2 -m apo_cli train "$WORK/recipe.yaml" \
+    run.output_dir="$WORK/run-2gpu" run.max_steps=3 2>&1 | grep -v '^W[0-9]' | tail -5 || status=1
+  [ "$(wc -l < "$WORK/run-2gpu/metrics.jsonl" 2>/dev/null)" = 3 ] || { echo "the 2-GPU run did not log 3 steps"; status=1; }
+fi
 
 stage "summary"
 $PY - "$WORK" "$base_mib" "$ROLLOUT" <<'EOF' || status=1
