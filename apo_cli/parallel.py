@@ -157,12 +157,18 @@ def quiet_rank() -> bool:
     return w.size > 1 and w.rank != 0
 
 
+COLLECTIVE_TIMEOUT_S = 1800  # how long a rank waits for the others (a slow rollout or reward on one rank)
+
+
 def init_process_group(world: World, backend: str, **kwargs: Any) -> None:
     """Join the ranks; ``backend`` is the collective library, chosen by the rollout backend (gloo on CPU)."""
+    import datetime
+
     import torch.distributed as dist
 
     if world.size <= 1 or dist.is_initialized():
         return
+    kwargs.setdefault("timeout", datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     dist.init_process_group(backend, rank=world.rank, world_size=world.size, **kwargs)
 
 

@@ -68,7 +68,10 @@ def merge_outputs(parts: list[RewardOutput]) -> RewardOutput:
     total = [v for p in parts for v in p.total]
     keys = list(parts[0].per_reward)
     per_reward = {k: [v for p in parts for v in p.per_reward[k]] for k in keys}
-    counts = {k: sum((Counter(p.counts.get(k, {})) for p in parts), Counter()) for k in keys}
+    counts = {k: Counter() for k in keys}
+    for p in parts:
+        for k in keys:
+            counts[k].update(p.counts.get(k, {}))  # update, not +: a counter reported as 0 stays a metric
     correct = None
     if any(p.correct is not None for p in parts):
         correct = [bool(c) for p in parts for c in (p.correct or [False] * len(p.total))]
