@@ -193,9 +193,12 @@ def batch_seed(seed: int, batch: int) -> int:
 
 def make_backend(kind: str):
     """A backend for inference (`cpu` or `gpu`), with a one-line error when it cannot be had."""
+    from apo_cli.parallel import World
     from apo_cli.recipe import CPUBackendSpec, GPUBackendSpec
     from backends import create_backend
 
+    if World.from_env().distributed:  # every process would do all the work and write the same files
+        raise UsageError("apo generate and apo eval run as one process; only apo train runs under torchrun")
     spec = CPUBackendSpec() if kind == "cpu" else GPUBackendSpec()
     try:
         return create_backend(spec)

@@ -94,3 +94,12 @@ def test_reward_outputs_merged_over_ranks_equal_one_call_on_everything(tmp_path)
     assert merged.correct == whole.correct
     assert merged.metrics == pytest.approx(whole.metrics)
     assert merged.metrics["rewards/half_bad/none_frac"] == pytest.approx(2 / 8)
+
+
+@pytest.mark.parametrize("command", [["generate", "tiny-random", "-p", "1+1="], ["eval", "tiny-random", "--data", "builtin:arithmetic"]])
+def test_generate_and_eval_refuse_torchrun(cli, monkeypatch, command):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    res = cli(*command)
+    assert res.exit_code == 2
+    assert "only apo train runs under torchrun" in res.output
