@@ -74,7 +74,7 @@ class CPUBackend:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         if not prompts:
             return []
-        model = _callable_policy(self.model)
+        model = self.model
         with gathered(model):  # a sharded policy: full weights once, then no collective per token
             return self._generate(model, prompts, params)
 
@@ -128,11 +128,6 @@ def eos_ids(model: Any, tok: Any) -> list[int]:
         if isinstance(v, int) and v not in ids:
             ids.append(v)
     return ids
-
-
-def _callable_policy(model: Any) -> Any:
-    """The policy module itself (the GPU backend's ``rollout: hf`` hands over a wrapper holding it)."""
-    return model if callable(model) else model._model
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

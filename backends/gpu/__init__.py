@@ -196,26 +196,11 @@ def _check_world(world: World, spec: Any) -> None:
 def _hf_generator(model: Any, tokenizer: Any, device: torch.device, autocast) -> CPUBackend:
     """The CPU backend's generation code, driving the policy on ``device``."""
     hf = CPUBackend(SimpleNamespace(threads=torch.get_num_threads(), dtype="float32"))
-    hf.model = _InputsToDevice(model, device)
+    hf.model = model
     hf.tokenizer = tokenizer
     hf.device = device
     hf.autocast = autocast  # the GPU backend's compute dtype, not the CPU spec's
     return hf
-
-
-class _InputsToDevice:
-    """The policy as ``CPUBackend.generate`` sees it: ``generate`` first moves the prompt tensors
-    (built on the CPU there) to the policy's device; everything else is the policy itself."""
-
-    def __init__(self, model: Any, device: torch.device):
-        self._model, self._device = model, device
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def generate(self, **kwargs: Any) -> Any:
-        moved = {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        return self._model.generate(**moved)
 
 
 def _lora_rank(model: Any) -> int | None:
