@@ -152,3 +152,15 @@ def test_prompts_that_do_not_split_over_the_processes_are_one_line(tmp_path):
     assert _errors(p.stderr) == ["error: rollout.prompts_per_step=3 must be a multiple of 2 (2 torchrun processes), "
                                  "so that every process trains as many whole groups; try 2 or 4"]
     assert not (tmp_path / "odd").exists()
+
+
+def test_gpu_backend_with_hf_rollouts_under_torchrun(tmp_path):
+    """The GPU backend's torchrun path (process group, FSDP2, the hf sampler on a sharded policy)
+    run on the CPU, as the vllm-marked tests run its vLLM path."""
+    driver = FIXTURES / "gpu_backend_dp_driver.py"
+    p = _run([str(driver), "tiny-random", str(tmp_path), "1", "hf"], 2, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = _metrics(tmp_path / "hf-tp1")
+    assert [x["step"] for x in m] == [1, 2, 3]
+    assert all(x["time/sync"] == 0 for x in m)  # the policy samples itself: nothing to sync
+    assert p.stdout.count("done: 3 steps") == 1

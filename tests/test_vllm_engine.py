@@ -329,12 +329,12 @@ def test_training_loop_under_torchrun(tiny_dir, tmp_path, tp):
 
     if ON_GPU and torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    driver = Path(__file__).parent / "fixtures" / "vllm_dp_driver.py"
+    driver = Path(__file__).parent / "fixtures" / "gpu_backend_dp_driver.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(driver), str(tiny_dir), str(tmp_path), str(tp)]
+           str(driver), str(tiny_dir), str(tmp_path), str(tp), "vllm"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / f"tp{tp}" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / f"vllm-tp{tp}" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert r["time/sync"] > 0
