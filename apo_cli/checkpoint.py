@@ -298,40 +298,57 @@ def read_torch_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: cannot read {OPTIM_FILE} ({type(e).__name__})") from None
 
 
-def load_weights_into(model: Any, path: Path, load: Any = None) -> None:
-    """Load a checkpoint's weights (full model or LoRA adapter) into an already built ``model``.
-
-    ``load(model, state)`` replaces ``model.load_state_dict(state, strict=False)`` for full weights
-    (a sharded policy loads the full state through ``apo_cli.parallel.load_full_model_state``)."""
+def load_weights_into(model: Any, path: Path) -> None:
+    """Load a checkpoint's weights (full model or LoRA adapter) into an already built ``model``."""
     from safetensors.torch import load_file
 
     adapter = path / "adapter_model.safetensors"
-    try:
-        if adapter.is_file():
+    if adapter.is_file():
+        try:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(model, load_file(str(adapter)))
-            return
-        files = sorted(path.glob("model*.safetensors"))
-        if not files:
-            raise CheckpointError(f"checkpoint {path} holds no model weights (*.safetensors)")
-        state: dict[str, Any] = {}
+        except (RuntimeError, ValueError, OSError) as e:  # shape mismatch, unreadable file
+            raise CheckpointError(f"checkpoint {path} does not fit the model: {' '.join(str(e).split())[:200]}") from None
+        return
+    state = read_weights(path)
+    check_fit(path, model, state)
+    try:
+        model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {' '.join(str(e).split())[:200]}") from None
+
+
+def read_weights(path: Path) -> dict[str, Any]:
+    """A checkpoint's full weights (every ``model*.safetensors``), on the CPU."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint {path} holds no model weights (*.safetensors)")
+    state: dict[str, Any] = {}
+    try:
         for f in files:
             state.update(load_file(str(f)))
-        missing, unexpected = (load or _load_state)(model, state)
-    except (RuntimeError, ValueError, OSError) as e:  # shape mismatch, unreadable file
-        detail = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"checkpoint {path} does not fit the model: {detail}") from None
-    # tied embeddings are saved once; anything else missing is a real mismatch
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    except (RuntimeError, ValueError, OSError) as e:  # unreadable file
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {' '.join(str(e).split())[:200]}") from None
+    return state
+
+
+def check_fit(path: Path, model: Any, state: dict[str, Any]) -> None:
+    """CheckpointError unless ``state`` has the model's tensors with their shapes (a tied output
+    head may be absent: it is saved once). Shapes of a sharded model are its full shapes."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in own if k not in state and not k.endswith("lm_head.weight")]
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not fit the model: {len(missing)} missing and {len(unexpected)} unexpected tensors"
         )
-
-
-def _load_state(model: Any, state: dict[str, Any]) -> tuple[list[str], list[str]]:
-    return model.load_state_dict(state, strict=False)
+    for k, v in state.items():
+        if tuple(v.shape) != own[k]:
+            raise CheckpointError(f"checkpoint {path} does not fit the model: {k} has shape {tuple(v.shape)}, "
+                                  f"the model's is {own[k]}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -99,12 +99,13 @@ def fail(error: ApoError) -> NoReturn:
     """Print ``error`` as the tool's one-line (or one-block, for recipes) message and exit."""
     from rich.console import Console
 
-    from apo_cli.parallel import quiet_rank
+    from apo_cli.parallel import leaves_message_to_rank_0, other_rank
 
-    if quiet_rank():  # under torchrun, rank 0 prints the one line every rank stops with
+    if leaves_message_to_rank_0(error):  # under torchrun, rank 0 prints the line every rank stops with
         raise SystemExit(error.exit_code)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    text = str(error)
+    rank = other_rank()
+    text = str(error) if rank is None else f"rank {rank}: {error}"
     first, _, rest = text.partition("\n")
     from rich.markup import escape
 
@@ -126,7 +127,10 @@ def run_cli(fn: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         if debug_enabled():
             raise
-        print("interrupted", file=sys.stderr)
+        from apo_cli.parallel import other_rank
+
+        if other_rank() is None:  # under torchrun, once
+            print("interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         if debug_enabled():

@@ -2,21 +2,23 @@
 
 Data parallel, with the policy sharded by FSDP2. Every rank holds the same data order and takes
 the same ``prompts_per_step`` prompts, then keeps its own contiguous block of them
-(:meth:`World.shard`): it samples their groups, scores them, and trains on them. The groups never
-straddle ranks, so advantages are local; everything that looks at the whole step (schedule
-signals, alpha and tau, metrics, samples) is computed from the rollout gathered from all ranks
-(:meth:`World.gather`), identically on every rank. Loss normalisers are the totals of the whole
-mini-batch over all ranks, and each rank's loss is scaled by the world size because FSDP averages
+(:meth:`World.shard`), samples their groups and scores them. The rollout is then gathered from all
+ranks (:meth:`World.gather`), so everything that looks at the whole step (advantages, schedule
+signals, alpha and tau, metrics, samples) is computed identically on every rank. Training splits
+each mini-batch of whole groups into equal blocks, one per rank; loss normalisers are the totals of
+the whole mini-batch, and each rank's loss is scaled by the world size because FSDP averages
 gradients: one step with N ranks is the step one process would take on the same rollout.
 
 Only rank 0 writes (metrics, samples, dashboard, checkpoints, the run lock). A checkpoint gathers
-the full weights and optimizer state to rank 0 (``torch.distributed.checkpoint.state_dict``); every
-rank reads a checkpoint back from the shared disk and keeps its shard. Checkpoints are the same files
-whatever the number of ranks, so a run can resume on another number of processes.
+the full weights and optimizer state to rank 0 (``torch.distributed.checkpoint.state_dict``); on
+resume rank 0 reads it and sends each tensor to the ranks, which keep their shards. Checkpoints are
+the same files whatever the number of ranks, so a run can resume on another number of processes.
 
-Errors: anything that can fail on one rank alone (generation, rewards, a checkpoint write) is
-turned into a status every rank sees (:meth:`World.raise_if_any`), so all ranks stop the same way
-and rank 0 prints the one line; ranks other than 0 never print an :class:`~apo_cli.errors.ApoError`.
+Errors: the ranks join before anything else, and every stretch of work that can fail on one rank
+alone (building the run, a rollout and its rewards, a checkpoint write or read) ends in one
+collective that hands its error to every rank (:meth:`World.agree`, :meth:`World.raise_if_any`),
+so all ranks stop the same way and rank 0 prints the one line. A rank other than 0 prints only
+errors the others cannot know of, naming itself.
 
 Nothing here touches CUDA: the backend chooses the process group (NCCL on GPUs, gloo on CPU), and
 the CPU backend runs this whole path (``torchrun --nproc-per-node=2 -m apo_cli train``) in the tests.
@@ -39,6 +41,8 @@ __all__ = ["World", "PeerError", "init_process_group", "shard", "full_named_tens
 
 class PeerError(ApoError):
     """Another rank failed; this rank stops the same way (rank 0 prints the other rank's message)."""
+
+    shared = True
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
@@ -69,7 +73,10 @@ class World:
         return self.size > 1
 
     def shard(self, n: int) -> range:
-        """This rank's contiguous block of ``n`` items (``n`` is a multiple of the world size)."""
+        """This rank's contiguous block of ``n`` items (``n`` is a multiple of the world size, so
+        every rank gets as many and runs as many forward passes on them)."""
+        if n % self.size:
+            raise ValueError(f"{n} items do not split over {self.size} ranks")
         per = n // self.size
         return range(self.rank * per, (self.rank + 1) * per)
 
@@ -110,7 +117,8 @@ class World:
 
     def raise_if_any(self, error: BaseException | None) -> None:
         """Collective: when any rank passes an error, every rank raises. The rank that failed raises
-        its own error; the others a :class:`PeerError` with its message and exit code."""
+        its own error; the others a :class:`PeerError` with its message and exit code. Both are
+        marked ``shared``: every rank knows, rank 0 prints the one line."""
         if self.size == 1:
             if error is not None:
                 raise error
@@ -126,9 +134,27 @@ class World:
         if first is None:
             return
         if error is not None:
+            try:
+                error.shared = True  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
             raise error
         k, (text, code) = first
         raise PeerError(f"rank {k}: {text}" if k else text, code)
+
+    @contextmanager
+    def agree(self) -> Iterator[None]:
+        """Run the block on every rank and end with one collective: if it raised anywhere, it
+        raises everywhere (see :meth:`raise_if_any`), so no rank waits for one that has stopped."""
+        if self.size == 1:
+            yield
+            return
+        error = None
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - handed to every rank
+            error = e
+        self.raise_if_any(error)
 
     @contextmanager
     def on_main(self, cm: Any) -> Iterator[None]:
@@ -151,13 +177,23 @@ class World:
                 cm.__exit__(None, None, None)
 
 
-def quiet_rank() -> bool:
-    """True in a torchrun process other than rank 0: it leaves the messages to rank 0."""
+def other_rank() -> int | None:
+    """This process's rank under torchrun when it is not rank 0, else None."""
     w = World.from_env()
-    return w.size > 1 and w.rank != 0
+    return w.rank if w.size > 1 and w.rank != 0 else None
+
+
+def leaves_message_to_rank_0(error: BaseException) -> bool:
+    """A rank other than 0 stays quiet about an error every rank raised: one shared through a
+    collective, or one raised before the ranks could talk (the same recipe, data and model on every
+    rank fail the same way). Anything else it prints itself, naming its rank."""
+    if other_rank() is None:
+        return False
+    return bool(getattr(error, "shared", False)) or not _joined
 
 
 COLLECTIVE_TIMEOUT_S = 1800  # how long a rank waits for the others (a slow rollout or reward on one rank)
+_joined = False  # this process has joined the ranks' process group (it may be destroyed since)
 
 
 def init_process_group(world: World, backend: str, **kwargs: Any) -> None:
@@ -168,8 +204,10 @@ def init_process_group(world: World, backend: str, **kwargs: Any) -> None:
 
     if world.size <= 1 or dist.is_initialized():
         return
+    global _joined
     kwargs.setdefault("timeout", datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     dist.init_process_group(backend, rank=world.rank, world_size=world.size, **kwargs)
+    _joined = True
 
 
 def destroy_process_group() -> None:
@@ -237,7 +275,9 @@ def gathered(model: Any) -> Iterator[None]:
     finally:
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            # back to what fully_shard set: reshard after forward, except the root, whose weights
+            # stay gathered from forward to backward
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 def full_named_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -277,11 +317,12 @@ def full_optimizer_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[s
 
 
 def load_full_model_state(model: Any, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    """Every rank passes the full weights (read from the checkpoint); each keeps its shard.
-    Returns the missing and unexpected names, as ``load_state_dict(strict=False)`` does."""
+    """Collective: rank 0 passes the full weights (read from the checkpoint), the other ranks an
+    empty dict; each keeps its shard (the full copy lives in rank 0's memory only). Returns the
+    missing and unexpected names on rank 0, as ``load_state_dict(strict=False)`` does."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    result = set_model_state_dict(model, state, options=_options(strict=False))
+    result = set_model_state_dict(model, state, options=_options(strict=False, broadcast_from_rank0=True))
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
@@ -291,17 +332,24 @@ def is_named_optimizer_state(state: dict[str, Any]) -> bool:
     return any(isinstance(p, str) for g in groups for p in g.get("params", []))
 
 
+def named_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` in the parameter-name format, whichever format it was saved in."""
+    return state if is_named_optimizer_state(state) else _name_optimizer_state(model, optimizer, state)
+
+
 def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load either format (one process: ``optimizer.state_dict()``; several: parameter names) into
-    this run's optimizer, sharded or not, so a checkpoint resumes on any number of processes."""
-    if not is_named_optimizer_state(state) and not is_sharded(model):
-        optimizer.load_state_dict(state)
-        return
+    this run's optimizer, sharded or not, so a checkpoint resumes on any number of processes.
+    Sharded: collective; rank 0 passes the state (named: :func:`named_optimizer_state`), the other
+    ranks an empty dict."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    if not is_named_optimizer_state(state):
-        state = _name_optimizer_state(model, optimizer, state)
-    set_optimizer_state_dict(model, optimizer, state, options=_options())
+    if is_sharded(model):
+        set_optimizer_state_dict(model, optimizer, state, options=_options(broadcast_from_rank0=True))
+    elif is_named_optimizer_state(state):
+        set_optimizer_state_dict(model, optimizer, state, options=_options())
+    else:
+        optimizer.load_state_dict(state)
 
 
 def _name_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:

@@ -63,9 +63,11 @@ from apo_cli.checkpoint import (
     check_run_dir,
     checkpoint_path,
     latest_good_checkpoint,
+    check_fit,
     load_weights_into,
     read_torch_state,
     read_trainer_state,
+    read_weights,
     remove_stale_temp,
     verify_checkpoint,
     write_checkpoint,
@@ -91,6 +93,7 @@ from apo_cli.parallel import (
     is_sharded,
     load_full_model_state,
     load_optimizer_state,
+    named_optimizer_state,
 )
 from apo_cli.recipe import Recipe, recipe_to_yaml
 from backends import SamplingParams, create_backend
@@ -144,13 +147,10 @@ class DataOrder:
 
 
 class _StopFlag:
-    """First SIGINT/SIGTERM: finish the step, save, exit 130/143. Second: abort now (under torchrun,
-    not within ``echo_window`` seconds of the first: torchrun repeats the terminal's Ctrl-C)."""
+    """First SIGINT/SIGTERM: finish the step, save, exit 130/143. Second: abort now."""
 
-    def __init__(self, echo_window: float = 0.0) -> None:
+    def __init__(self) -> None:
         self.signum: int | None = None
-        self._first_at = 0.0
-        self._echo_window = echo_window
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
@@ -167,14 +167,9 @@ class _StopFlag:
         return False
 
     def _handle(self, signum, frame):
-        now = time.monotonic()
         if self.signum is not None:
-            # torchrun passes a Ctrl-C on to its workers, which the terminal already sent them:
-            # under torchrun a repeat within the echo window is that echo, not a second Ctrl-C
-            if now - self._first_at > self._echo_window:
-                raise KeyboardInterrupt
-            return
-        self.signum, self._first_at = signum, now
+            raise KeyboardInterrupt
+        self.signum = signum
 
 
 def _seed_everything(seed: int) -> None:
@@ -189,14 +184,23 @@ def _step_seed(seed: int, step: int) -> int:
 class Trainer:
     def __init__(self, recipe: Recipe, *, resume: bool = False, resume_from: Path | None = None,
                  allow_recipe_change: bool = False):
+        self.recipe = r = recipe
+        self.world = World.from_env()  # several processes under torchrun (apo_cli/parallel.py)
+        self.backend: Any = None
+        if self.world.distributed:  # join the other ranks first: then any failure below reaches them all
+            _check_world(r, self.world)
+            self.backend = _joined_backend(r)
+        with self.world.agree():
+            self._build(resume, resume_from, allow_recipe_change)
+
+    def _build(self, resume: bool, resume_from: Path | None, allow_recipe_change: bool) -> None:
         from apo_cli.data import load_examples, render_prompt
         from apo_cli.models import context_length, load_policy
         from apo_cli.rewards import RewardSet
 
-        self.recipe = r = recipe
-        self.world = World.from_env()  # several processes under torchrun (apo_cli/parallel.py)
+        r = self.recipe
         self.run_dir = r.resolved_output_dir()
-        if resume_from is not None:
+        if resume_from is not None and self.world.is_main:
             verify_checkpoint(Path(resume_from))  # a missing or corrupted checkpoint fails before anything loads
         self.resume = resume or resume_from is not None or (r.checkpoint.resume == "auto" and self._has_run())
         check_run_dir(self.run_dir, r.model_dump(mode="json"), resume=self.resume, allow_change=allow_recipe_change,
@@ -211,15 +215,13 @@ class Trainer:
         if not self.examples:
             raise ApoError(f"no training examples from {r.data.source} after filters and limits")
         self.rewards = RewardSet(r.rewards)
-        _preflight(r, quiet=not self.world.is_main)
-        if self.world.distributed:
-            _check_world(r, self.world)
+        if self.world.is_main:  # the checks (which call the rewards) once
+            _preflight(r)
         self.max_steps = r.run.max_steps or max(1, math.ceil(r.run.epochs * len(self.examples) / r.rollout.prompts_per_step))
 
         _seed_everything(r.run.seed)
-        self.backend = create_backend(r.backend)
-        if self.world.distributed and not getattr(self.backend, "supports_torchrun", False):
-            raise BackendError(f"backend {r.backend.kind!r} does not run under torchrun; run one process")
+        if self.backend is None:
+            self.backend = create_backend(r.backend)
         model, self.tok, self.model_path = load_policy(r.model, seed=r.run.seed, device_dtype=self._device_dtype())
         ref = self._make_reference(model) if r.algorithm.kl_coef > 0 else None  # a copy before any sharding
         self.model = self.backend.setup(model, self.tok)
@@ -334,13 +336,20 @@ class Trainer:
         return self._last_path
 
     def restore(self, path: Path, *, verified: bool = False) -> None:
-        if not verified:
-            verify_checkpoint(path)
-        ts = read_trainer_state(path)
-        tt = read_torch_state(path)
-        load_weights_into(self.model, path, load=_load_sharded if is_sharded(self.model) else None)
+        if is_sharded(self.model):
+            ts, tt = self._restore_sharded(path, verified)
+        else:
+            if not verified:
+                verify_checkpoint(path)
+            ts = read_trainer_state(path)
+            tt = read_torch_state(path)
+            load_weights_into(self.model, path)
+            try:
+                load_optimizer_state(self.model, self.optimizer, tt["optimizer"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                what = f"missing {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
+                raise CheckpointError(f"checkpoint {path} does not fit this run: {what}") from None
         try:
-            load_optimizer_state(self.model, self.optimizer, tt["optimizer"])
             self.lr_scheduler.load_state_dict(tt["lr_scheduler"])
             torch.set_rng_state(tt["torch_rng"])
             self.step = int(ts["step"])
@@ -353,6 +362,33 @@ class Trainer:
         self.skipped_total = int(ts.get("skipped_total", 0))
         self.consecutive_skips = int(ts.get("consecutive_skips", 0))
         self.truncated_prompts = int(ts.get("truncated_prompts", 0))
+
+    def _restore_sharded(self, path: Path, verified: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Rank 0 reads and checks the checkpoint and sends each tensor to the ranks, which keep their
+        shards (the full weights and optimizer state are in rank 0's memory only). Returns the trainer
+        state and the small torch state (scheduler, RNG), the same on every rank."""
+        main = self.world.is_main
+        weights: dict[str, Any] = {}
+        optim: dict[str, Any] = {}
+        small = None
+        with self.world.agree():
+            if main:
+                if not verified:
+                    verify_checkpoint(path)
+                tt = read_torch_state(path)
+                weights = read_weights(path)
+                check_fit(path, self.model, weights)
+                try:
+                    optim = named_optimizer_state(self.model, self.optimizer, tt["optimizer"])
+                except (KeyError, TypeError, ValueError) as e:
+                    what = f"missing {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
+                    raise CheckpointError(f"checkpoint {path} does not fit this run: {what}") from None
+                small = {k: v for k, v in tt.items() if k != "optimizer"}
+        small = self.world.gather(small)[0]
+        with self.world.agree():
+            load_full_model_state(self.model, weights)
+            load_optimizer_state(self.model, self.optimizer, optim)
+        return read_trainer_state(path), small
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -379,26 +415,21 @@ class Trainer:
             seed=_step_seed(r.run.seed, self.step) + self.world.rank,  # each rank draws its own samples
         )
         rep = lambda xs: [x for x in xs for _ in range(self.G)]  # noqa: E731
-        part, error = None, None
-        try:
+        with self.world.agree():  # a generation or reward error on one rank stops every rank
             groups = self.backend.generate([prompt_ids[i] for i in mine], params)
             flat = [c for g in groups for c in g]
             completions = [self.tok.decode(c.ids, skip_special_tokens=True) for c in flat]
             out = self.rewards(rep([texts[i] for i in mine]), completions, [c.ids for c in flat],
-                               rep([examples[i] for i in mine]))
-            part = (flat, completions, out)
-        except Exception as e:  # noqa: BLE001 - every rank must learn that this step failed
-            if not self.world.distributed:
-                raise
-            error = e
-        self.world.raise_if_any(error)
+                               rep([examples[i] for i in mine]), check=not self.world.distributed)
         if self.world.distributed:
             from apo_cli.rewards import merge_outputs
 
-            parts = self.world.gather(part)
+            parts = self.world.gather((flat, completions, out))
             flat = [c for p in parts for c in p[0]]
             completions = [c for p in parts for c in p[1]]
             out = merge_outputs([p[2] for p in parts])
+            with self.world.agree():  # the same verdict on every rank: a reward broken for the whole step
+                self.rewards.check(out)
         rewards = torch.tensor(out.total, dtype=torch.float32)
         group_ids = torch.arange(len(examples)).repeat_interleave(self.G)
         std_mode = resolved(r.algorithm, "advantage_std")
@@ -424,6 +455,17 @@ class Trainer:
         with self.model.disable_adapter():
             return self._forward(self.model, prompts, completions, grad=False)[0]
 
+    def _anchor_rows(self, rows: list[int], ro: Rollout, anchors: dict[int, torch.Tensor]) -> None:
+        """Anchors for ``rows`` (the same list on every rank). Under torchrun each rank computes an
+        equal block (FSDP needs the same forwards on every rank) and the ranks exchange them."""
+        if not self.world.distributed:
+            self._anchor_pass(rows, ro, anchors)
+            return
+        local: dict[int, torch.Tensor] = {}
+        self._anchor_pass([rows[k] for k in self.world.shard(len(rows))], ro, local)
+        for part in self.world.gather({i: t.cpu() for i, t in local.items()}):
+            anchors.update({i: t.to(self.device) for i, t in part.items()})
+
     def _anchor_pass(self, rows: list[int], ro: Rollout, anchors: dict[int, torch.Tensor]) -> None:
         """No-grad log-probs at the rollout weights for ``rows`` (before any update of this step)."""
         mbs = self.recipe.optim.micro_batch_size
@@ -435,18 +477,20 @@ class Trainer:
                 anchors[i] = logp[k, : len(ro.completion_ids[i])].detach()
 
     def _plan(self, n_groups: int) -> list[list[list[int]]]:
-        """The groups this process trains on: [epoch][mini-batch] -> group indices. The groups are
-        shuffled as whole groups and split into mini-batches; under torchrun each rank takes its
-        block of every mini-batch, so the ranks together make exactly the one-process update."""
+        """The step's updates: [epoch][mini-batch] -> group indices. The groups are shuffled as
+        whole groups and split into mini-batches; under torchrun each rank trains on its block of
+        every mini-batch (:meth:`_mine`), so the ranks together make exactly the one-process update."""
         a = self.recipe.algorithm
         gen = torch.Generator().manual_seed(_step_seed(self.recipe.run.seed, self.step) + 1)
         plans = []
         for _ in range(a.epochs):
             perm = torch.randperm(n_groups, generator=gen).tolist()
             per = n_groups // a.mini_batches
-            batches = [perm[i * per : (i + 1) * per] for i in range(a.mini_batches)]
-            plans.append([[mb[k] for k in self.world.shard(len(mb))] for mb in batches])
+            plans.append([perm[i * per : (i + 1) * per] for i in range(a.mini_batches)])
         return plans
+
+    def _mine(self, groups: list[int]) -> list[int]:
+        return [groups[k] for k in self.world.shard(len(groups))]
 
     def _rows(self, groups: list[int]) -> list[int]:
         return [g * self.G + j for g in groups for j in range(self.G)]
@@ -455,17 +499,16 @@ class Trainer:
                plans: list[list[list[int]]]) -> dict[str, float]:
         """All optimizer steps of one rollout. Returns the step's averaged training metrics."""
         a = self.recipe.algorithm
-        first_rows = set(self._rows(plans[0][0]))
-        mine = dict.fromkeys(i for epoch in plans for mb in epoch for i in self._rows(mb))
-        rest = [i for i in mine if i not in first_rows and i not in anchors]
+        first_rows = set(self._rows(plans[0][0]))  # trained first, at the rollout weights: own anchors
+        rest = [i for i in range(len(ro.rewards)) if i not in first_rows and i not in anchors]
         if rest and (a.mini_batches > 1 or a.epochs > 1):
-            self._anchor_pass(rest, ro, anchors)
+            self._anchor_rows(rest, ro, anchors)
         acc: dict[str, float] = {}
         weight = 0.0
         grad_norms = []
         for epoch_plan in plans:
             for mb_groups in epoch_plan:
-                rows = self._rows(mb_groups)
+                rows = self._rows(self._mine(mb_groups))
                 m, gn = self._optimizer_step(ro, rows, alpha, tau, anchors)
                 if gn is not None:
                     grad_norms.append(gn)
@@ -552,9 +595,12 @@ class Trainer:
             if self.step >= self.max_steps:
                 dash.message(f"run {r.run.name} is already finished ({self.step}/{self.max_steps} steps)")
                 return latest_good_checkpoint(self.run_dir)
+            # the engine samples from the (restored) policy from the first rollout on; under torchrun
+            # the sync's collectives run here, outside a rollout
+            self.backend.sync_weights()
             metrics = MetricsWriter(self.run_dir / r.logging.metrics_file,
                                     self.run_dir / "tb" if r.logging.tensorboard else None) if main else _NoMetrics()
-            with _StopFlag(echo_window=1.0 if self.world.distributed else 0.0) as stop, dash:
+            with _StopFlag() as stop, dash:
                 for n in notes:
                     dash.message(n, "yellow")
                 try:
@@ -572,7 +618,11 @@ class Trainer:
             notes.append("removed the partial files of an interrupted checkpoint or log write")
         if self.resume:
             # both were verified already: the --resume-from one in __init__, the latest good one here
-            ckpt = self.resume_from or latest_good_checkpoint(self.run_dir, warn=notes.append)
+            ckpt = self.resume_from
+            if ckpt is None:
+                with self.world.agree():  # rank 0 verifies and chooses; every rank takes its choice
+                    ckpt = latest_good_checkpoint(self.run_dir, warn=notes.append) if main else None
+                ckpt = self.world.gather(ckpt)[0]
             if ckpt is None:
                 notes.append(f"no checkpoint in {self.run_dir}: starting from step 0")
             else:
@@ -595,8 +645,11 @@ class Trainer:
             before = json.loads(json.dumps(self._trainer_state())), torch.get_rng_state()
             try:
                 record, samples = self._one_step()
-            except Exception:
-                self._save_before_failure(*before, dash=dash)
+            except Exception as e:
+                # under torchrun only a failure every rank knows of (shared through a collective)
+                # can be saved: saving is collective, and the other ranks may be elsewhere
+                if not self.world.distributed or getattr(e, "shared", False):
+                    self._save_before_failure(*before, dash=dash)
                 raise
             if self.world.is_main:
                 metrics.write(record)
@@ -643,11 +696,8 @@ class Trainer:
         anchors: dict[int, torch.Tensor] = {}
         plans = self._plan(len(ro.rewards) // self.G)
         if ro.engine_logprobs is None:  # signals need the rollout policy's log-probs: take the anchor pass
-            rows = sorted({i for epoch in plans for mb in epoch for i in self._rows(mb)})
-            self._anchor_pass(rows, ro, anchors)
-            local = {i: float(anchors[i].mean()) if anchors[i].numel() else 0.0 for i in rows}
-            every = {i: v for part in self.world.gather(local) for i, v in part.items()}  # each row on some rank
-            seq_lp = torch.tensor([every[i] for i in range(len(ro.rewards))])
+            self._anchor_rows(list(range(len(ro.rewards))), ro, anchors)
+            seq_lp = torch.tensor([float(anchors[i].mean()) if anchors[i].numel() else 0.0 for i in range(len(ro.rewards))])
         else:
             seq_lp = torch.tensor([sum(lp) / max(len(lp), 1) for lp in ro.engine_logprobs])
         vocab = int(getattr(self.model.config, "vocab_size", len(self.tok)))
@@ -718,8 +768,13 @@ class _NoMetrics:
         pass
 
 
-def _load_sharded(model: Any, state: dict[str, Any]) -> tuple[list[str], list[str]]:
-    return load_full_model_state(model, state)
+def _joined_backend(recipe: Recipe) -> Any:
+    """The recipe's backend, joined to the other torchrun processes."""
+    backend = create_backend(recipe.backend)
+    if not getattr(backend, "supports_torchrun", False):
+        raise BackendError(f"backend {recipe.backend.kind!r} does not run under torchrun; run one process")
+    backend.join()
+    return backend
 
 
 def _check_world(recipe: Recipe, world: World) -> None:
@@ -736,7 +791,7 @@ def _check_world(recipe: Recipe, world: World) -> None:
         raise BackendError("LoRA under torchrun is not supported yet: run one process, or train all weights")
 
 
-def _preflight(recipe: Recipe, *, quiet: bool = False) -> None:
+def _preflight(recipe: Recipe) -> None:
     """Warnings and errors of the preflight checks (apo validate --preflight); errors stop the run here."""
     from rich.console import Console
     from rich.markup import escape
@@ -748,8 +803,6 @@ def _preflight(recipe: Recipe, *, quiet: bool = False) -> None:
     errors = [f.message for f in findings if f.level == "error"]
     if errors:  # one line, like every other error
         raise DataError(errors[0] + (f" (and {len(errors) - 1} more: apo validate --preflight)" if len(errors) > 1 else ""))
-    if quiet:
-        return
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     for f in findings:
         if f.level == "warning":

@@ -10,9 +10,10 @@ to it on token ids only:
   engine *is* the policy, as on CPU);
 - ``release_memory()`` / ``close()``.
 
-A backend that runs under ``torchrun`` sets ``supports_torchrun = True``: its ``setup`` joins the
-process group and shards the policy (``apo_cli.parallel``), and its ``generate`` samples the prompts
-of its own rank. Without it, ``apo train`` under torchrun stops with one line.
+A backend that runs under ``torchrun`` sets ``supports_torchrun = True`` and has ``join()``, which
+joins the process group (the loop calls it first, so that every later failure reaches all ranks);
+its ``setup`` shards the policy (``apo_cli.parallel``), and its ``generate`` samples the prompts of
+its own rank. Without it, ``apo train`` under torchrun stops with one line.
 
 Backends are registered by name as ``"module:Class"`` strings and imported only when chosen, so
 the CPU path never imports vLLM or CUDA code. Third-party backends register through the

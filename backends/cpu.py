@@ -57,10 +57,14 @@ class CPUBackend:
 
     # -- Protocol ---------------------------------------------------------------------------------
 
+    def join(self) -> None:
+        """Under torchrun: join the other processes (gloo)."""
+        init_process_group(self.world, "gloo")
+
     def setup(self, model: Any, tokenizer: Any) -> Any:
         self.model = model.to(self.device)
         if self.world.distributed:
-            init_process_group(self.world, "gloo")
+            self.join()  # a no-op once joined
             self.model = shard(self.model, self.world, self.device)
         self.tokenizer = tokenizer
         return self.model

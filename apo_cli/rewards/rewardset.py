@@ -58,6 +58,7 @@ class RewardOutput:
     metrics: dict[str, float]  # rewards/<name>/{mean,std,none_frac,errors,timeouts,...}, rewards/all_none
     per_reward: dict[str, list[float | None]] = field(default_factory=dict)  # [N] each reward's raw values
     counts: dict[str, Counter] = field(default_factory=dict)  # each reward's failure and event counters
+    first_errors: dict[str, str] = field(default_factory=dict)  # each failing reward's first failure
 
 
 def merge_outputs(parts: list[RewardOutput]) -> RewardOutput:
@@ -75,8 +76,12 @@ def merge_outputs(parts: list[RewardOutput]) -> RewardOutput:
     correct = None
     if any(p.correct is not None for p in parts):
         correct = [bool(c) for p in parts for c in (p.correct or [False] * len(p.total))]
+    first_errors: dict[str, str] = {}
+    for p in parts:
+        for k, why in p.first_errors.items():
+            first_errors.setdefault(k, why)
     return RewardOutput(total=total, correct=correct, metrics=_step_metrics(per_reward, counts, correct),
-                        per_reward=per_reward, counts=counts)
+                        per_reward=per_reward, counts=counts, first_errors=first_errors)
 
 
 def _step_metrics(per_reward: dict[str, list[float | None]], counts: dict[str, Counter],
@@ -246,8 +251,11 @@ class RewardSet:
     # ----------------------------------------------------------------------------------------------
 
     def __call__(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
-                 examples: list[Any]) -> RewardOutput:
-        """Score N completions (prompts, ids and examples aligned with them, groups consecutive)."""
+                 examples: list[Any], *, check: bool = True) -> RewardOutput:
+        """Score N completions (prompts, ids and examples aligned with them, groups consecutive).
+
+        ``check``: raise when a reward failed on every completion (see :meth:`check`); under
+        torchrun the loop checks the output merged over the ranks instead, as one process would."""
         n = len(completions)
         if not (len(prompts) == len(completion_ids) == len(examples) == n):
             raise ValueError(
@@ -258,18 +266,35 @@ class RewardSet:
         correct: list[bool] | None = None
         per_reward: dict[str, list[float | None]] = {}
         counts: dict[str, Counter] = {}
+        firsts: dict[str, str | None] = {}
         for r in self._rewards:
             part = self._score(r, prompts, completions, completion_ids, examples)
             per_reward[r.key] = part.values
             counts[r.key] = part.counts
+            firsts[r.key] = part.first_error
             for i, v in enumerate(part.values):
                 if v is not None:
                     total[i] += r.spec.weight * v
             if r.verifies or part.correct is not None:
                 flags = part.correct or [None] * n
                 correct = [bool((correct or [False] * n)[i] or flags[i]) for i in range(n)]
-        return RewardOutput(total=total, correct=correct, metrics=_step_metrics(per_reward, counts, correct),
-                            per_reward=per_reward, counts=counts)
+        first_errors = {k: why for k, why in firsts.items() if why is not None}
+        out = RewardOutput(total=total, correct=correct, metrics=_step_metrics(per_reward, counts, correct),
+                           per_reward=per_reward, counts=counts, first_errors=first_errors)
+        if check:
+            self.check(out)
+        return out
+
+    def check(self, out: RewardOutput) -> None:
+        """RewardError when a reward failed (errors, timeouts, bad values, no gold answer) on every
+        completion of the step: a broken reward, not a bad sample."""
+        for key, values in out.per_reward.items():
+            n = len(values)
+            counts = out.counts.get(key, Counter())
+            failed = sum(counts[k] for k in _FAILURES)
+            if n and failed >= n and all(v is None for v in values):
+                why = out.first_errors.get(key) or self._describe_counts(counts)
+                raise RewardError(f"reward {key} failed on all {n} samples of this step: {why}")
 
     def _kwargs(self, r: _Bound, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
                 examples: list[Any], s: int, e: int) -> dict[str, Any]:
@@ -317,10 +342,6 @@ class RewardSet:
                 correct[s:e] = flags
                 any_correct = True
         part.correct = correct if (any_correct or r.verifies) else None
-        failed = sum(part.counts[k] for k in _FAILURES)
-        if n and failed >= n and all(v is None for v in part.values):
-            why = part.first_error or self._describe_counts(part.counts)
-            raise RewardError(f"reward {r.key} failed on all {n} samples of this step: {why}")
         return part
 
     @staticmethod
@@ -336,7 +357,11 @@ class RewardSet:
         if key in self._reported:
             return
         self._reported.add(key)
+        from apo_cli.parallel import World
+
+        w = World.from_env()
+        where = f"rank {w.rank}: " if w.distributed else ""  # under torchrun each rank scores its own samples
         sys.stderr.write(
-            f"reward {key} failed on a call ({k} samples scored None); later failures are only counted:\n"
+            f"{where}reward {key} failed on a call ({k} samples scored None); later failures are only counted:\n"
             f"{text.rstrip()}\n"
         )

@@ -76,11 +76,15 @@ class GPUBackend:
 
     # -- Protocol ---------------------------------------------------------------------------------
 
-    def setup(self, model: Any, tokenizer: Any) -> Any:
+    def join(self) -> None:
+        """Under torchrun: join the other processes (NCCL; gloo for the tests that run on CPU)."""
         if self.device.type == "cuda":
             init_process_group(self.world, "nccl", device_id=self.device)
-        else:  # the vllm-marked tests, on CPU
+        else:
             init_process_group(self.world, "gloo")
+
+    def setup(self, model: Any, tokenizer: Any) -> Any:
+        self.join()  # a no-op for one process, or once joined
         lora_rank = _lora_rank(model)
         if lora_rank is not None and self.world.size > 1:
             raise BackendError("LoRA with more than one GPU is not supported yet: run on one GPU, or train all weights")
