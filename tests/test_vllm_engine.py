@@ -318,19 +318,20 @@ def test_training_loop_with_vllm_rollouts(tiny_dir, tmp_path, monkeypatch):
         assert r["sampling/logprob_diff_max"] < 0.1  # the trainer runs under bf16 autocast (fp32 weights)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_training_loop_under_torchrun(tiny_dir, tmp_path, tp):
-    """Two processes: one engine each (tp 1), or one engine shared by both (tp 2). Each rank's
-    completions must belong to its own prompts: the trainer's log-probs of them match the engine's."""
+@pytest.mark.parametrize("nproc,tp", [(2, 1), (2, 2), (4, 2)])
+def test_training_loop_under_torchrun(tiny_dir, tmp_path, nproc, tp):
+    """One engine per process (tp 1), one engine shared by two (tp 2), or two engines of two
+    processes each. Each rank's completions must belong to its own prompts: the trainer's
+    log-probs of them match the engine's."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    if ON_GPU and torch.cuda.device_count() < 2:
-        pytest.skip("needs two GPUs")
+    if ON_GPU and torch.cuda.device_count() < nproc:
+        pytest.skip(f"needs {nproc} GPUs")
     driver = Path(__file__).parent / "fixtures" / "gpu_backend_dp_driver.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(driver), str(tiny_dir), str(tmp_path), str(tp), "vllm"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
