@@ -135,8 +135,15 @@ def run_cli(fn: Callable[[], object]) -> None:
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         if debug_enabled():
             raise
-        fail(ApoError(f"{e.strerror or type(e).__name__}: {e.filename}"))
+        fail(_wrapped(ApoError(f"{e.strerror or type(e).__name__}: {e.filename}"), e))
     except OSError as e:
         if debug_enabled():
             raise
-        fail(ApoError(f"{type(e).__name__}: {e}"))
+        fail(_wrapped(ApoError(f"{type(e).__name__}: {e}"), e))
+
+
+def _wrapped(error: ApoError, cause: BaseException) -> ApoError:
+    """``error`` standing for ``cause``, still marked shared under torchrun when ``cause`` was."""
+    if getattr(cause, "shared", False):
+        error.shared = True  # type: ignore[attr-defined]
+    return error

@@ -134,11 +134,7 @@ class World:
         if first is None:
             return
         if error is not None:
-            try:
-                error.shared = True  # type: ignore[attr-defined]
-            except AttributeError:
-                pass
-            raise error
+            raise shared(error)
         k, (text, code) = first
         raise PeerError(f"rank {k}: {text}" if k else text, code)
 
@@ -175,6 +171,16 @@ class World:
         finally:
             if self.is_main:
                 cm.__exit__(None, None, None)
+
+
+def shared(error: BaseException) -> BaseException:
+    """Mark ``error`` as raised by every rank at the same point (decided together), so that only
+    rank 0 prints it."""
+    try:
+        error.shared = True  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return error
 
 
 def other_rank() -> int | None:
@@ -345,7 +351,8 @@ def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: di
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     if is_sharded(model):
-        set_optimizer_state_dict(model, optimizer, state, options=_options(broadcast_from_rank0=True))
+        # not strict: a parameter that never had a gradient has no state (as in optimizer.state_dict())
+        set_optimizer_state_dict(model, optimizer, state, options=_options(broadcast_from_rank0=True, strict=False))
     elif is_named_optimizer_state(state):
         set_optimizer_state_dict(model, optimizer, state, options=_options())
     else:

@@ -88,12 +88,14 @@ from apo_cli.errors import (
 from apo_cli.metrics import MetricsWriter, truncate_jsonl_after
 from apo_cli.parallel import (
     World,
+    decoder_layers,
     full_model_state,
     full_optimizer_state,
     is_sharded,
     load_full_model_state,
     load_optimizer_state,
     named_optimizer_state,
+    shared,
 )
 from apo_cli.recipe import Recipe, recipe_to_yaml
 from backends import SamplingParams, create_backend
@@ -190,12 +192,23 @@ class Trainer:
         if self.world.distributed:  # join the other ranks first: then any failure below reaches them all
             _check_world(r, self.world)
             self.backend = _joined_backend(r)
-        with self.world.agree():
-            self._build(resume, resume_from, allow_recipe_change)
+        try:
+            # what may fail on one rank alone and runs no collective (checks, data, rewards, reading
+            # the model) ends in one collective that shares the failure, so no rank goes on to the
+            # collectives of the placement (sharding, engines) while another has stopped. A failure
+            # during the placement stops its rank at once, and torchrun stops the others.
+            with self.world.agree():
+                model, ref = self._prepare(resume, resume_from, allow_recipe_change)
+            self._place(model, ref)
+        except BaseException:
+            if self.backend is not None:
+                self.backend.close()  # under torchrun: leave the process group
+            raise
 
-    def _build(self, resume: bool, resume_from: Path | None, allow_recipe_change: bool) -> None:
+    def _prepare(self, resume: bool, resume_from: Path | None, allow_recipe_change: bool) -> tuple[Any, Any]:
+        """Checks, data, rewards, and the policy read from disk (on the CPU); no collective."""
         from apo_cli.data import load_examples, render_prompt
-        from apo_cli.models import context_length, load_policy
+        from apo_cli.models import load_policy
         from apo_cli.rewards import RewardSet
 
         r = self.recipe
@@ -223,13 +236,23 @@ class Trainer:
         if self.backend is None:
             self.backend = create_backend(r.backend)
         model, self.tok, self.model_path = load_policy(r.model, seed=r.run.seed, device_dtype=self._device_dtype())
+        if self.world.distributed and not decoder_layers(model):
+            raise BackendError(f"{type(model).__name__} names no decoder layer class in _no_split_modules; "
+                               "it cannot be sharded over several processes")
         ref = self._make_reference(model) if r.algorithm.kl_coef > 0 else None  # a copy before any sharding
+        self._render = lambda ex: render_prompt(ex, r.data, self.tok)
+        return model, ref
+
+    def _place(self, model: Any, ref: Any) -> None:
+        """The policy (and reference) on the backend, the optimizer and the schedules."""
+        from apo_cli.models import context_length
+
+        r = self.recipe
         self.model = self.backend.setup(model, self.tok)
         self.device = getattr(self.backend, "device", torch.device("cpu"))
         self.context = context_length(self.model, r.model)
         self.autocast = getattr(self.backend, "autocast", None)
         self.ref_model = None if ref is None else self._place_reference(ref)
-        self._render = lambda ex: render_prompt(ex, r.data, self.tok)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         # fused on CPU: one kernel for all parameters instead of per-tensor ops (~3x less optimizer time)
@@ -245,6 +268,7 @@ class Trainer:
         self.truncated_prompts = 0
         self._last_saved, self._last_path = 0, None
         self._phase = "rollout"  # "update" once a step starts changing the weights
+        self._own_anchors: set[int] = set()  # this step's rows whose anchor this rank computed
 
     # -- setup helpers ----------------------------------------------------------------------------
 
@@ -347,18 +371,17 @@ class Trainer:
             try:
                 load_optimizer_state(self.model, self.optimizer, tt["optimizer"])
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
-                what = f"missing {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
-                raise CheckpointError(f"checkpoint {path} does not fit this run: {what}") from None
-        try:
-            self.lr_scheduler.load_state_dict(tt["lr_scheduler"])
-            torch.set_rng_state(tt["torch_rng"])
-            self.step = int(ts["step"])
-            self.order.load_state_dict(ts["data"])
-            self.alpha_schedule.load_state_dict(ts["alpha_schedule"])
-            self.tau_schedule.load_state_dict(ts["tau_schedule"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            what = f"missing {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
-            raise CheckpointError(f"checkpoint {path} does not fit this run: {what}") from None
+                raise _does_not_fit(path, e) from None
+        with self.world.agree():  # the same state on every rank: the same verdict, printed once
+            try:
+                self.lr_scheduler.load_state_dict(tt["lr_scheduler"])
+                torch.set_rng_state(tt["torch_rng"])
+                self.step = int(ts["step"])
+                self.order.load_state_dict(ts["data"])
+                self.alpha_schedule.load_state_dict(ts["alpha_schedule"])
+                self.tau_schedule.load_state_dict(ts["tau_schedule"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise _does_not_fit(path, e) from None
         self.skipped_total = int(ts.get("skipped_total", 0))
         self.consecutive_skips = int(ts.get("consecutive_skips", 0))
         self.truncated_prompts = int(ts.get("truncated_prompts", 0))
@@ -381,13 +404,14 @@ class Trainer:
                 try:
                     optim = named_optimizer_state(self.model, self.optimizer, tt["optimizer"])
                 except (KeyError, TypeError, ValueError) as e:
-                    what = f"missing {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
-                    raise CheckpointError(f"checkpoint {path} does not fit this run: {what}") from None
+                    raise _does_not_fit(path, e) from None
                 small = {k: v for k, v in tt.items() if k != "optimizer"}
         small = self.world.gather(small)[0]
-        with self.world.agree():
+        try:  # collectives inside: a failure here stops its rank at once (and torchrun the others)
             load_full_model_state(self.model, weights)
             load_optimizer_state(self.model, self.optimizer, optim)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise _does_not_fit(path, e) from None
         return read_trainer_state(path), small
 
     # -- one step ---------------------------------------------------------------------------------
@@ -415,10 +439,12 @@ class Trainer:
             seed=_step_seed(r.run.seed, self.step) + self.world.rank,  # each rank draws its own samples
         )
         rep = lambda xs: [x for x in xs for _ in range(self.G)]  # noqa: E731
-        with self.world.agree():  # a generation or reward error on one rank stops every rank
-            groups = self.backend.generate([prompt_ids[i] for i in mine], params)
-            flat = [c for g in groups for c in g]
-            completions = [self.tok.decode(c.ids, skip_special_tokens=True) for c in flat]
+        # generation may run collectives (a tensor-parallel engine, gathering a sharded policy): a
+        # failure there stops its rank at once. Rewards run none: a failure is shared with every rank
+        groups = self.backend.generate([prompt_ids[i] for i in mine], params)
+        flat = [c for g in groups for c in g]
+        completions = [self.tok.decode(c.ids, skip_special_tokens=True) for c in flat]
+        with self.world.agree():
             out = self.rewards(rep([texts[i] for i in mine]), completions, [c.ids for c in flat],
                                rep([examples[i] for i in mine]), check=not self.world.distributed)
         if self.world.distributed:
@@ -460,9 +486,11 @@ class Trainer:
         equal block (FSDP needs the same forwards on every rank) and the ranks exchange them."""
         if not self.world.distributed:
             self._anchor_pass(rows, ro, anchors)
+            self._own_anchors.update(rows)
             return
         local: dict[int, torch.Tensor] = {}
         self._anchor_pass([rows[k] for k in self.world.shard(len(rows))], ro, local)
+        self._own_anchors.update(local)
         for part in self.world.gather({i: t.cpu() for i, t in local.items()}):
             anchors.update({i: t.to(self.device) for i, t in part.items()})
 
@@ -506,10 +534,17 @@ class Trainer:
         acc: dict[str, float] = {}
         weight = 0.0
         grad_norms = []
-        for epoch_plan in plans:
-            for mb_groups in epoch_plan:
+        for e, epoch_plan in enumerate(plans):
+            for b, mb_groups in enumerate(epoch_plan):
                 rows = self._rows(self._mine(mb_groups))
                 m, gn = self._optimizer_step(ro, rows, alpha, tau, anchors)
+                if e == b == 0 and a.epochs > 1 and self.world.distributed:
+                    # the first mini-batch's rows were anchored by their own forward, on the rank
+                    # that trained each; a later epoch may give them to another rank
+                    first = {i: anchors[i].cpu() for i in rows if i in anchors}
+                    for part in self.world.gather(first):
+                        for i, t in part.items():
+                            anchors.setdefault(i, t.to(self.device))
                 if gn is not None:
                     grad_norms.append(gn)
                 for k, v in m.items():
@@ -543,6 +578,7 @@ class Trainer:
             for k, i in enumerate(chunk):
                 if i not in anchors:  # first visit at the rollout weights: the anchor is this forward
                     anchors[i] = logp[k, : len(ro.completion_ids[i])].detach().clone()
+                    self._own_anchors.add(i)
                 old[k, : anchors[i].shape[0]] = anchors[i][:width]
             ref = self._ref_logprobs(prompts, comps) if a.kl_coef > 0 else None
             batch = LossBatch(logp=logp, logp_old=old, mask=mask, advantages=ro.advantages[chunk].to(self.device),
@@ -584,10 +620,11 @@ class Trainer:
 
     def train(self) -> Path | None:
         r = self.recipe
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunDirError(f"cannot create run directory {self.run_dir}: {e.strerror or e}") from None
+        with self.world.agree():
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunDirError(f"cannot create run directory {self.run_dir}: {e.strerror or e}") from None
         main = self.world.is_main  # under torchrun only rank 0 shows and writes anything
         dash = make_dashboard(r.logging.dashboard, r.run.name, self.max_steps, muted=not main)
         with self.world.on_main(RunLock(self.run_dir)):
@@ -657,17 +694,17 @@ class Trainer:
             dash.update(record, samples)
             if self.consecutive_skips >= r.optim.max_consecutive_skips:
                 path = self.save()
-                raise TrainingError(
+                raise shared(TrainingError(
                     f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient; "
                     f"stopped at step {self.step} (weights untouched since the last good step, saved in {path})",
                     hint="lower optim.lr or check the rewards",
-                )
+                ))  # every rank counted the same skips
             signum = self.world.max(stop.signum or 0)  # a signal to any rank stops all after this step
             if signum:
                 path = self.save()
                 code = EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
                 name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
-                raise Interrupted(f"{name}: stopped at step {self.step}; saved {path} (resume with --resume)", code)
+                raise shared(Interrupted(f"{name}: stopped at step {self.step}; saved {path} (resume with --resume)", code))
             if self.step % r.checkpoint.every == 0 or self.step == self.max_steps:
                 self.save()
 
@@ -694,6 +731,7 @@ class Trainer:
         ro, correct, roll_metrics = self.rollout()
         t_roll = time.perf_counter()
         anchors: dict[int, torch.Tensor] = {}
+        self._own_anchors = set()
         plans = self._plan(len(ro.rewards) // self.G)
         if ro.engine_logprobs is None:  # signals need the rollout policy's log-probs: take the anchor pass
             self._anchor_rows(list(range(len(ro.rewards))), ro, anchors)
@@ -707,7 +745,9 @@ class Trainer:
         tau = self.tau_schedule.step(sig)
         self._phase = "update"
         train_metrics = self.update(ro, alpha, tau, anchors, plans)
-        train_metrics.update(self.world.mean(_engine_mismatch(ro, anchors)))
+        # each row's mismatch counted once: on the rank that computed its anchor
+        own = {i: t for i, t in anchors.items() if i in self._own_anchors}
+        train_metrics.update(self.world.mean(_engine_mismatch(ro, own)))
         sync_s = self.backend.sync_weights()
         t_end = time.perf_counter()
         lengths = [len(c) for c in ro.completion_ids]
@@ -766,6 +806,11 @@ class _NoMetrics:
 
     def close(self) -> None:
         pass
+
+
+def _does_not_fit(path: Path, e: BaseException) -> CheckpointError:
+    what = f"missing {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
+    return CheckpointError(f"checkpoint {path} does not fit this run: {what}")
 
 
 def _joined_backend(recipe: Recipe) -> Any:

@@ -26,12 +26,12 @@ pytestmark = pytest.mark.slow
 DRIVER = FIXTURES / "dp_driver.py"
 
 
-def _run(args: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProcess:
+def _run(args: list[str], nproc: int, cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    env = {**os.environ, "APO_DEBUG": "0", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "APO_DEBUG": "0", "PYTHONWARNINGS": "ignore", **env_vars}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -82,6 +82,21 @@ def test_two_processes_take_the_one_process_step(runs):
     assert sum(1 for m in m2 if m["grad_norm"] > 0) >= 2  # the comparison is of real updates
     assert len((two / "samples.jsonl").read_text().splitlines()) == 4
     assert p.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
+
+
+def test_with_engine_logprobs_later_epochs_use_the_rollout_anchors(tmp_path):
+    """Engine log-probs (as from vLLM or the CPU sampler): the first mini-batch anchors itself on the
+    rank that trains each row, and a later epoch may hand those rows to another rank, which must
+    get the anchors at the rollout weights, not take them at the updated ones."""
+    weights = {}
+    for name, nproc in (("lp1", 1), ("lp2", 2)):
+        d = tiny_recipe(tmp_path, name=name, optim={"micro_batch_size": 4}, algorithm={"epochs": 2})
+        recipe = write_recipe(tmp_path, d, f"{name}.yaml")
+        p = _run([str(DRIVER), "train", str(recipe)], nproc, tmp_path, APO_TEST_ENGINE_LOGPROBS="1")
+        assert p.returncode == 0, p.stderr[-3000:]
+        weights[name] = _weights(tmp_path / name, 4)
+        assert all("sampling/logprob_diff_max" in m for m in _metrics(tmp_path / name)[1:])
+    assert _max_diff(weights["lp1"], weights["lp2"]) < 1e-5
 
 
 def _resume_copy(src: Path, recipe: Path, dst: Path, keep: int) -> Path:
@@ -187,3 +202,26 @@ def test_gpu_backend_with_hf_rollouts_under_torchrun(tmp_path):
     assert [x["step"] for x in m] == [1, 2, 3]
     assert all(x["time/sync"] == 0 for x in m)  # the policy samples itself: nothing to sync
     assert p.stdout.count("done: 3 steps") == 1
+
+
+def test_ctrl_c_to_torchrun_finishes_the_step_and_saves_once(tmp_path):
+    import signal
+    import time
+
+    d = tiny_recipe(tmp_path, name="int", run={"max_steps": 500}, checkpoint={"every": 1000})
+    recipe = write_recipe(tmp_path, d)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "apo_cli", "train", str(recipe)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "APO_DEBUG": "0"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = tmp_path / "int" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C does to torchrun, which passes it on to its workers
+    _, stderr = proc.communicate(timeout=120)
+    lines = _errors(stderr)
+    assert len(lines) == 1 and lines[0].startswith("stopped: SIGINT: stopped at step "), stderr[-3000:]
+    step = int(lines[0].split("stopped at step ")[1].split(";")[0])
+    assert [c.name for c in (tmp_path / "int" / "checkpoints").iterdir()] == [f"step-{step}"]
+    assert len(metrics.read_text().splitlines()) == step  # every finished step logged once

@@ -272,6 +272,8 @@ class RewardSet:
             per_reward[r.key] = part.values
             counts[r.key] = part.counts
             firsts[r.key] = part.first_error
+            if check:  # stop at the first broken reward: the later ones need not run
+                self._check_reward(r.key, part.values, part.counts, part.first_error)
             for i, v in enumerate(part.values):
                 if v is not None:
                     total[i] += r.spec.weight * v
@@ -279,22 +281,21 @@ class RewardSet:
                 flags = part.correct or [None] * n
                 correct = [bool((correct or [False] * n)[i] or flags[i]) for i in range(n)]
         first_errors = {k: why for k, why in firsts.items() if why is not None}
-        out = RewardOutput(total=total, correct=correct, metrics=_step_metrics(per_reward, counts, correct),
-                           per_reward=per_reward, counts=counts, first_errors=first_errors)
-        if check:
-            self.check(out)
-        return out
+        return RewardOutput(total=total, correct=correct, metrics=_step_metrics(per_reward, counts, correct),
+                            per_reward=per_reward, counts=counts, first_errors=first_errors)
 
     def check(self, out: RewardOutput) -> None:
         """RewardError when a reward failed (errors, timeouts, bad values, no gold answer) on every
         completion of the step: a broken reward, not a bad sample."""
         for key, values in out.per_reward.items():
-            n = len(values)
-            counts = out.counts.get(key, Counter())
-            failed = sum(counts[k] for k in _FAILURES)
-            if n and failed >= n and all(v is None for v in values):
-                why = out.first_errors.get(key) or self._describe_counts(counts)
-                raise RewardError(f"reward {key} failed on all {n} samples of this step: {why}")
+            self._check_reward(key, values, out.counts.get(key, Counter()), out.first_errors.get(key))
+
+    def _check_reward(self, key: str, values: list[float | None], counts: Counter, first_error: str | None) -> None:
+        n = len(values)
+        failed = sum(counts[k] for k in _FAILURES)
+        if n and failed >= n and all(v is None for v in values):
+            why = first_error or self._describe_counts(counts)
+            raise RewardError(f"reward {key} failed on all {n} samples of this step: {why}")
 
     def _kwargs(self, r: _Bound, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
                 examples: list[Any], s: int, e: int) -> dict[str, Any]:
