@@ -32,6 +32,8 @@ def train(
         apo train recipes/quickstart.yaml algorithm.objective=grpo run.max_steps=20
 
         apo train recipes/quickstart.yaml --resume
+
+        torchrun --standalone --nproc-per-node=8 -m apo_cli train recipe.yaml   (data parallel, docs/gpu.md)
     """
     from apo_cli.recipe import load_recipe, with_values
     from apo_cli.train import train_from_recipe
