@@ -315,6 +315,36 @@ def full_model_state(model: Any) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k in own}
 
 
+def full_trainable_state(model: Any, *, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """Collective: the full tensors of the trainable parameters (a LoRA adapter), by name. On rank 0
+    (CPU copies) and an empty dict elsewhere, or on every rank (on the device) with ``everywhere``."""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        full = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
+        if everywhere:
+            out[name] = full
+        elif not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+            out[name] = full.cpu()
+    return out
+
+
+def adapter_names(model: Any, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A saved PEFT adapter (``adapter_model.safetensors``: names without the adapter's name) keyed
+    by the model's parameter names (``...lora_A.default.weight``). ValueError for a tensor the
+    model does not have."""
+    adapter = getattr(model, "active_adapter", None) or "default"
+    adapter = adapter if isinstance(adapter, str) else "default"
+    by_saved_name = {n.replace(f".{adapter}.", "."): n for n, p in model.named_parameters() if p.requires_grad}
+    unknown = [k for k in saved if k not in by_saved_name]
+    if unknown:
+        raise ValueError(f"{len(unknown)} adapter tensors the model does not have (first: {unknown[0]})")
+    return {by_saved_name[k]: v for k, v in saved.items()}
+
+
 def full_optimizer_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Collective: the full optimizer state keyed by parameter name on rank 0, empty elsewhere."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict

@@ -88,9 +88,11 @@ from apo_cli.errors import (
 from apo_cli.metrics import MetricsWriter, truncate_jsonl_after
 from apo_cli.parallel import (
     World,
+    adapter_names,
     decoder_layers,
     full_model_state,
     full_optimizer_state,
+    full_trainable_state,
     is_sharded,
     load_full_model_state,
     load_optimizer_state,
@@ -344,7 +346,10 @@ class Trainer:
         ts = trainer_state or self._trainer_state()
         step = int(ts["step"])
         if is_sharded(self.model):
-            weights, optim = full_model_state(self.model), full_optimizer_state(self.model, self.optimizer)
+            # a LoRA checkpoint is its adapter: gather the trainable parameters only
+            lora = self.recipe.model.lora is not None
+            weights = full_trainable_state(self.model) if lora else full_model_state(self.model)
+            optim = full_optimizer_state(self.model, self.optimizer)
         else:
             weights, optim = None, self.optimizer.state_dict()
         error = None
@@ -386,6 +391,28 @@ class Trainer:
         self.consecutive_skips = int(ts.get("consecutive_skips", 0))
         self.truncated_prompts = int(ts.get("truncated_prompts", 0))
 
+    def _read_full_weights(self, path: Path) -> dict[str, Any]:
+        """A checkpoint's weights keyed by this (sharded) model's names, checked against it."""
+        if self.recipe.model.lora is None:
+            weights = read_weights(path)
+            check_fit(path, self.model, weights)
+            return weights
+        from safetensors.torch import load_file
+
+        adapter = path / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise CheckpointError(f"checkpoint {path} holds no LoRA adapter (adapter_model.safetensors)")
+        try:
+            weights = adapter_names(self.model, load_file(str(adapter)))
+        except (ValueError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path} does not fit the model: {e}") from None
+        shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}  # full shapes, sharded or not
+        for name, t in weights.items():
+            if tuple(t.shape) != shapes[name]:
+                raise CheckpointError(f"checkpoint {path} does not fit the model: {name} has shape "
+                                      f"{tuple(t.shape)}, the model's is {shapes[name]}")
+        return weights
+
     def _restore_sharded(self, path: Path, verified: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         """Rank 0 reads and checks the checkpoint and sends each tensor to the ranks, which keep their
         shards (the full weights and optimizer state are in rank 0's memory only). Returns the trainer
@@ -399,8 +426,7 @@ class Trainer:
                 if not verified:
                     verify_checkpoint(path)
                 tt = read_torch_state(path)
-                weights = read_weights(path)
-                check_fit(path, self.model, weights)
+                weights = self._read_full_weights(path)
                 try:
                     optim = named_optimizer_state(self.model, self.optimizer, tt["optimizer"])
                 except (KeyError, TypeError, ValueError) as e:
@@ -832,8 +858,6 @@ def _check_world(recipe: Recipe, world: World) -> None:
         near = sorted({max(unit, b // unit * unit), (b // unit + 1) * unit})
         raise UsageError(f"rollout.prompts_per_step={b} must be a multiple of {unit} ({what}), so that every "
                          f"process trains as many whole groups; try {' or '.join(map(str, near))}")
-    if recipe.model.lora is not None:
-        raise BackendError("LoRA under torchrun is not supported yet: run one process, or train all weights")
 
 
 def _preflight(recipe: Recipe) -> None:

@@ -318,11 +318,12 @@ def test_training_loop_with_vllm_rollouts(tiny_dir, tmp_path, monkeypatch):
         assert r["sampling/logprob_diff_max"] < 0.1  # the trainer runs under bf16 autocast (fp32 weights)
 
 
-@pytest.mark.parametrize("nproc,tp", [(2, 1), (2, 2), (4, 2)])
-def test_training_loop_under_torchrun(tiny_dir, tmp_path, nproc, tp):
-    """One engine per process (tp 1), one engine shared by two (tp 2), or two engines of two
-    processes each. Each rank's completions must belong to its own prompts: the trainer's
-    log-probs of them match the engine's."""
+@pytest.mark.parametrize("nproc,tp,lora", [(2, 1, False), (2, 2, False), (4, 2, False), (2, 1, True)])
+def test_training_loop_under_torchrun(tiny_dir, tmp_path, nproc, tp, lora):
+    """One engine per process (tp 1), one engine shared by two (tp 2), two engines of two processes
+    each, or a LoRA policy whose gathered adapter every engine loads. Each rank's completions must
+    belong to its own prompts, sampled by the current policy: the trainer's log-probs of them match
+    the engine's."""
     import json
     import subprocess
     import sys
@@ -332,10 +333,11 @@ def test_training_loop_under_torchrun(tiny_dir, tmp_path, nproc, tp):
         pytest.skip(f"needs {nproc} GPUs")
     driver = Path(__file__).parent / "fixtures" / "gpu_backend_dp_driver.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(driver), str(tiny_dir), str(tmp_path), str(tp), "vllm"]
+           str(driver), str(tiny_dir), str(tmp_path), str(tp), "vllm", *(["lora"] if lora else [])]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / f"vllm-tp{tp}" / "metrics.jsonl").read_text().splitlines()]
+    run = tmp_path / (f"vllm-tp{tp}" + ("-lora" if lora else ""))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert r["time/sync"] > 0

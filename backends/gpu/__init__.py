@@ -39,7 +39,15 @@ from apo_cli.errors import BackendError
 from backends import Completion, SamplingParams
 from backends._optional import cuda_problem, vllm_problem
 from backends.cpu import CPUBackend, eos_ids
-from apo_cli.parallel import World, destroy_process_group, full_named_tensors, init_process_group, shard
+from apo_cli.parallel import (
+    World,
+    destroy_process_group,
+    full_named_tensors,
+    full_trainable_state,
+    init_process_group,
+    is_sharded,
+    shard,
+)
 
 __all__ = ["GPUBackend"]
 
@@ -86,8 +94,6 @@ class GPUBackend:
     def setup(self, model: Any, tokenizer: Any) -> Any:
         self.join()  # a no-op for one process, or once joined
         lora_rank = _lora_rank(model)
-        if lora_rank is not None and self.world.size > 1:
-            raise BackendError("LoRA with more than one GPU is not supported yet: run on one GPU, or train all weights")
         weights_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self._autocast_dtype = torch.bfloat16 if weights_dtype == torch.float32 else None
         model = model.to(self.device)
@@ -154,7 +160,11 @@ class GPUBackend:
             return 0.0  # rollout: hf samples from the policy itself
         t0 = time.perf_counter()
         if self.engine.lora_enabled:
-            self.engine.load_adapter(lambda folder: self.model.save_pretrained(str(folder)))
+            if is_sharded(self.model):  # every rank gathers the adapter and its engine loads it
+                adapter = full_trainable_state(self.model, everywhere=True)
+                self.engine.load_adapter(lambda folder: self.model.save_pretrained(str(folder), state_dict=adapter))
+            else:
+                self.engine.load_adapter(lambda folder: self.model.save_pretrained(str(folder)))
         else:
             self.engine.load_weights(full_named_tensors(self.model))
         if self.device.type == "cuda":
