@@ -333,16 +333,25 @@ def full_trainable_state(model: Any, *, everywhere: bool = False) -> dict[str, t
 
 
 def adapter_names(model: Any, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A saved PEFT adapter (``adapter_model.safetensors``: names without the adapter's name) keyed
-    by the model's parameter names (``...lora_A.default.weight``). ValueError for a tensor the
-    model does not have."""
-    adapter = getattr(model, "active_adapter", None) or "default"
-    adapter = adapter if isinstance(adapter, str) else "default"
-    by_saved_name = {n.replace(f".{adapter}.", "."): n for n, p in model.named_parameters() if p.requires_grad}
-    unknown = [k for k in saved if k not in by_saved_name]
+    """A saved PEFT adapter (``adapter_model.safetensors``) keyed by the model's parameter names.
+
+    The names come from peft itself (``get_peft_model_state_dict`` on the trainable parameters,
+    matched back by identity), so every adapter kind maps: linear and embedding LoRA, DoRA. Frozen
+    embedding weights a one-process save may add (``*.base_layer.weight``) are skipped. ValueError
+    for a tensor the model does not have, or one it has that the file lacks."""
+    from peft import get_peft_model_state_dict
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    name_of = {id(p): n for n, p in trainable.items()}
+    keyed = get_peft_model_state_dict(model, state_dict=trainable, save_embedding_layers=False)
+    by_saved = {k: name_of[id(t)] for k, t in keyed.items() if id(t) in name_of}
+    unknown = [k for k in saved if k not in by_saved and not k.endswith("base_layer.weight")]
+    missing = [k for k in by_saved if k not in saved]
     if unknown:
         raise ValueError(f"{len(unknown)} adapter tensors the model does not have (first: {unknown[0]})")
-    return {by_saved_name[k]: v for k, v in saved.items()}
+    if missing:
+        raise ValueError(f"the adapter lacks {len(missing)} of the model's tensors (first: {missing[0]})")
+    return {by_saved[k]: v for k, v in saved.items() if k in by_saved}
 
 
 def full_optimizer_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

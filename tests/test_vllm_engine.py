@@ -318,7 +318,7 @@ def test_training_loop_with_vllm_rollouts(tiny_dir, tmp_path, monkeypatch):
         assert r["sampling/logprob_diff_max"] < 0.1  # the trainer runs under bf16 autocast (fp32 weights)
 
 
-@pytest.mark.parametrize("nproc,tp,lora", [(2, 1, False), (2, 2, False), (4, 2, False), (2, 1, True)])
+@pytest.mark.parametrize("nproc,tp,lora", [(2, 1, False), (2, 2, False), (4, 2, False), (2, 1, True), (2, 2, True)])
 def test_training_loop_under_torchrun(tiny_dir, tmp_path, nproc, tp, lora):
     """One engine per process (tp 1), one engine shared by two (tp 2), two engines of two processes
     each, or a LoRA policy whose gathered adapter every engine loads. Each rank's completions must
