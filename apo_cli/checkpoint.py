@@ -335,11 +335,12 @@ def read_weights(path: Path) -> dict[str, Any]:
     return state
 
 
-def check_fit(path: Path, model: Any, state: dict[str, Any]) -> None:
+def check_fit(path: Path, model: Any, state: dict[str, Any], *, partial: bool = False) -> None:
     """CheckpointError unless ``state`` has the model's tensors with their shapes (a tied output
-    head may be absent: it is saved once). Shapes of a sharded model are its full shapes."""
+    head may be absent: it is saved once; with ``partial``, any may be: an adapter). Shapes of a
+    sharded model are its full shapes."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in own if k not in state and not k.endswith("lm_head.weight")]
+    missing = [] if partial else [k for k in own if k not in state and not k.endswith("lm_head.weight")]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise CheckpointError(

@@ -80,6 +80,10 @@ class World:
         per = n // self.size
         return range(self.rank * per, (self.rank + 1) * per)
 
+    def part(self, items: list[Any]) -> list[Any]:
+        """This rank's block of ``items`` (see :meth:`shard`)."""
+        return [items[k] for k in self.shard(len(items))]
+
     # -- collectives (no-ops for one process) -----------------------------------------------------
 
     def gather(self, obj: Any) -> list[Any]:
@@ -108,12 +112,6 @@ class World:
             vals = [float(p[key]) for p in parts if key in p]
             out[key] = max(vals) if key.endswith("_max") or key.endswith("/max") else sum(vals) / len(vals)
         return out
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
 
     def raise_if_any(self, error: BaseException | None) -> None:
         """Collective: when any rank passes an error, every rank raises. The rank that failed raises
@@ -232,17 +230,23 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard(model: Any, world: World, device: torch.device) -> Any:
-    """FSDP2 over all ranks: each decoder layer is one unit, the rest (embeddings, head) the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
+def check_shardable(model: Any) -> list[torch.nn.Module]:
+    """The model's decoder layers (FSDP2's units); BackendError when it names none."""
     from apo_cli.errors import BackendError
 
     layers = decoder_layers(model)
     if not layers:
         raise BackendError(f"{type(model).__name__} names no decoder layer class in _no_split_modules; "
                            "it cannot be sharded over several processes")
+    return layers
+
+
+def shard(model: Any, world: World, device: torch.device) -> Any:
+    """FSDP2 over all ranks: each decoder layer is one unit, the rest (embeddings, head) the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = check_shardable(model)
     mesh = init_device_mesh(device.type, (world.size,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)

@@ -89,7 +89,7 @@ from apo_cli.metrics import MetricsWriter, truncate_jsonl_after
 from apo_cli.parallel import (
     World,
     adapter_names,
-    decoder_layers,
+    check_shardable,
     full_model_state,
     full_optimizer_state,
     full_trainable_state,
@@ -238,9 +238,8 @@ class Trainer:
         if self.backend is None:
             self.backend = create_backend(r.backend)
         model, self.tok, self.model_path = load_policy(r.model, seed=r.run.seed, device_dtype=self._device_dtype())
-        if self.world.distributed and not decoder_layers(model):
-            raise BackendError(f"{type(model).__name__} names no decoder layer class in _no_split_modules; "
-                               "it cannot be sharded over several processes")
+        if self.world.distributed:
+            check_shardable(model)  # before any collective: the same verdict on every rank
         ref = self._make_reference(model) if r.algorithm.kl_coef > 0 else None  # a copy before any sharding
         self._render = lambda ex: render_prompt(ex, r.data, self.tok)
         return model, ref
@@ -406,11 +405,7 @@ class Trainer:
             weights = adapter_names(self.model, load_file(str(adapter)))
         except (ValueError, OSError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path} does not fit the model: {e}") from None
-        shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}  # full shapes, sharded or not
-        for name, t in weights.items():
-            if tuple(t.shape) != shapes[name]:
-                raise CheckpointError(f"checkpoint {path} does not fit the model: {name} has shape "
-                                      f"{tuple(t.shape)}, the model's is {shapes[name]}")
+        check_fit(path, self.model, weights, partial=True)
         return weights
 
     def _restore_sharded(self, path: Path, verified: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -515,7 +510,7 @@ class Trainer:
             self._own_anchors.update(rows)
             return
         local: dict[int, torch.Tensor] = {}
-        self._anchor_pass([rows[k] for k in self.world.shard(len(rows))], ro, local)
+        self._anchor_pass(self.world.part(rows), ro, local)
         self._own_anchors.update(local)
         for part in self.world.gather({i: t.cpu() for i, t in local.items()}):
             anchors.update({i: t.to(self.device) for i, t in part.items()})
@@ -533,7 +528,7 @@ class Trainer:
     def _plan(self, n_groups: int) -> list[list[list[int]]]:
         """The step's updates: [epoch][mini-batch] -> group indices. The groups are shuffled as
         whole groups and split into mini-batches; under torchrun each rank trains on its block of
-        every mini-batch (:meth:`_mine`), so the ranks together make exactly the one-process update."""
+        every mini-batch (``World.part``), so the ranks together make exactly the one-process update."""
         a = self.recipe.algorithm
         gen = torch.Generator().manual_seed(_step_seed(self.recipe.run.seed, self.step) + 1)
         plans = []
@@ -542,9 +537,6 @@ class Trainer:
             per = n_groups // a.mini_batches
             plans.append([perm[i * per : (i + 1) * per] for i in range(a.mini_batches)])
         return plans
-
-    def _mine(self, groups: list[int]) -> list[int]:
-        return [groups[k] for k in self.world.shard(len(groups))]
 
     def _rows(self, groups: list[int]) -> list[int]:
         return [g * self.G + j for g in groups for j in range(self.G)]
@@ -562,7 +554,7 @@ class Trainer:
         grad_norms = []
         for e, epoch_plan in enumerate(plans):
             for b, mb_groups in enumerate(epoch_plan):
-                rows = self._rows(self._mine(mb_groups))
+                rows = self._rows(self.world.part(mb_groups))
                 m, gn = self._optimizer_step(ro, rows, alpha, tau, anchors)
                 if e == b == 0 and a.epochs > 1 and self.world.distributed:
                     # the first mini-batch's rows were anchored by their own forward, on the rank
@@ -662,14 +654,15 @@ class Trainer:
             # the sync's collectives run here, outside a rollout
             self.backend.sync_weights()
             metrics = MetricsWriter(self.run_dir / r.logging.metrics_file,
-                                    self.run_dir / "tb" if r.logging.tensorboard else None) if main else _NoMetrics()
+                                    self.run_dir / "tb" if r.logging.tensorboard else None) if main else None
             with _StopFlag() as stop, dash:
                 for n in notes:
                     dash.message(n, "yellow")
                 try:
                     self._loop(metrics, dash, stop)
                 finally:
-                    metrics.close()
+                    if metrics is not None:
+                        metrics.close()
         dash.message(f"done: {self.step} steps; final checkpoint {self._last_path}")
         return self._last_path
 
@@ -701,7 +694,8 @@ class Trainer:
         self._last_saved = self.step
         return notes
 
-    def _loop(self, metrics: MetricsWriter, dash, stop: _StopFlag) -> None:
+    def _loop(self, metrics: MetricsWriter | None, dash, stop: _StopFlag) -> None:
+        """``metrics`` is None on the ranks other than 0, which write nothing."""
         r = self.recipe
         samples_path = self.run_dir / "samples.jsonl"
         while self.step < self.max_steps:
@@ -714,7 +708,7 @@ class Trainer:
                 if not self.world.distributed or getattr(e, "shared", False):
                     self._save_before_failure(*before, dash=dash)
                 raise
-            if self.world.is_main:
+            if metrics is not None:
                 metrics.write(record)
                 _append_samples(samples_path, samples)
             dash.update(record, samples)
@@ -822,16 +816,6 @@ def _engine_mismatch(ro: Rollout, anchors: dict[int, torch.Tensor]) -> dict[str,
         return {}
     d = torch.cat(diffs)
     return {"sampling/logprob_diff_mean": float(d.mean()), "sampling/logprob_diff_max": float(d.max())}
-
-
-class _NoMetrics:
-    """The metrics writer of a rank other than 0."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _does_not_fit(path: Path, e: BaseException) -> CheckpointError:

@@ -92,6 +92,12 @@ def trainer_logprobs(model, prompt, completion, autocast=None):
     return lp.gather(-1, torch.tensor(completion, device=lp.device)[:, None]).squeeze(-1).cpu()
 
 
+def engine_gap(backend, model, prompt, completion) -> float:
+    """Largest |engine − trainer| log-prob over the completion's tokens."""
+    trainer = trainer_logprobs(model, prompt, completion.ids, ctx(backend))
+    return float((torch.tensor(completion.logprobs) - trainer).abs().max())
+
+
 def ctx(backend):
     """The trainer's precision for the comparison: the backend's autocast against a bf16 engine, fp32 otherwise."""
     return backend.autocast() if ON_GPU else None
@@ -153,8 +159,8 @@ def test_groups_finish_reasons_and_logprobs(engine):
             else:
                 assert c.ids[-1] in eos and not eos & set(c.ids[:-1])
             assert len(c.logprobs) == len(c.ids) and all(lp <= 0 for lp in c.logprobs)
-            diff = (torch.tensor(c.logprobs) - trainer_logprobs(model, prompt, c.ids, ctx(backend))).abs()
-            assert float(diff.max()) < LP_TOL, f"engine and trainer log-probs differ by {float(diff.max()):.2e}"
+            gap = engine_gap(backend, model, prompt, c)
+            assert gap < LP_TOL, f"engine and trainer log-probs differ by {gap:.2e}"
 
 
 def test_same_seed_same_samples(engine):
@@ -213,8 +219,7 @@ def test_weight_sync_changes_greedy_outputs_and_back(engine):
     # everything was loaded (q/k/v and gate/up are fused in vLLM): engine == perturbed policy
     out = backend.generate(prompts[:1], params(n=2, max_new_tokens=8))
     for c in out[0]:
-        diff = (torch.tensor(c.logprobs) - trainer_logprobs(model, prompts[0], c.ids, ctx(backend))).abs()
-        assert float(diff.max()) < LP_TOL
+        assert engine_gap(backend, model, prompts[0], c) < LP_TOL
     model.load_state_dict(saved)
     backend.sync_weights()
     assert greedy(backend, prompts) == before
@@ -242,8 +247,7 @@ def test_first_rollout_syncs_a_policy_changed_after_setup(tiny_dir):
         out = backend.generate([prompt], params(n=2, max_new_tokens=6))
         assert backend.sync_count == 1
         for c in out[0]:
-            diff = (torch.tensor(c.logprobs) - trainer_logprobs(model, prompt, c.ids, ctx(backend))).abs()
-            assert float(diff.max()) < LP_TOL
+            assert engine_gap(backend, model, prompt, c) < LP_TOL
     finally:
         backend.close()
 
@@ -272,8 +276,7 @@ def test_lora_adapter_sync(tiny_dir):
         assert tuned != base
         out = backend.generate(prompts[:1], params(n=2, max_new_tokens=8))
         for c in out[0]:
-            diff = (torch.tensor(c.logprobs) - trainer_logprobs(model, prompts[0], c.ids, ctx(backend))).abs()
-            assert float(diff.max()) < LP_TOL
+            assert engine_gap(backend, model, prompts[0], c) < LP_TOL
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
