@@ -99,7 +99,7 @@ def fail(error: ApoError) -> NoReturn:
     """Print ``error`` as the tool's one-line (or one-block, for recipes) message and exit."""
     from rich.console import Console
 
-    from apo_cli.parallel import leaves_message_to_rank_0, other_rank
+    from apo_cli.runtime.ranks import leaves_message_to_rank_0, other_rank
 
     if leaves_message_to_rank_0(error):  # under torchrun, rank 0 prints the line every rank stops with
         raise SystemExit(error.exit_code)
@@ -127,7 +127,7 @@ def run_cli(fn: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         if debug_enabled():
             raise
-        from apo_cli.parallel import other_rank
+        from apo_cli.runtime.ranks import other_rank
 
         if other_rank() is None:  # under torchrun, once
             print("interrupted", file=sys.stderr)

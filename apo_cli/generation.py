@@ -193,7 +193,7 @@ def batch_seed(seed: int, batch: int) -> int:
 
 def make_backend(kind: str):
     """A backend for inference (`cpu` or `gpu`), with a one-line error when it cannot be had."""
-    from apo_cli.parallel import World
+    from apo_cli.runtime.world import World
     from apo_cli.recipe import CPUBackendSpec, GPUBackendSpec
     from backends import create_backend
 

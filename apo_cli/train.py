@@ -86,8 +86,8 @@ from apo_cli.errors import (
     UsageError,
 )
 from apo_cli.metrics import MetricsWriter, truncate_jsonl_after
-from apo_cli.parallel import (
-    World,
+from apo_cli.runtime.world import World, shared
+from apo_cli.runtime.fsdp import (
     adapter_names,
     check_shardable,
     full_model_state,
@@ -97,7 +97,6 @@ from apo_cli.parallel import (
     load_full_model_state,
     load_optimizer_state,
     named_optimizer_state,
-    shared,
 )
 from apo_cli.recipe import Recipe, recipe_to_yaml
 from backends import SamplingParams, create_backend
@@ -292,7 +291,7 @@ class Trainer:
 
     def _place_reference(self, ref):
         """The reference where the policy is: on its device, and sharded like it under torchrun."""
-        from apo_cli.parallel import shard
+        from apo_cli.runtime.fsdp import shard
 
         ref = ref.to(self.device)
         return shard(ref, self.world, self.device) if is_sharded(self.model) else ref

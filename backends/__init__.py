@@ -12,7 +12,7 @@ to it on token ids only:
 
 A backend that runs under ``torchrun`` sets ``supports_torchrun = True`` and has ``join()``, which
 joins the process group (the loop calls it first, so that every later failure reaches all ranks);
-its ``setup`` shards the policy (``apo_cli.parallel``), and its ``generate`` samples the prompts of
+its ``setup`` shards the policy (``apo_cli.runtime.fsdp``), and its ``generate`` samples the prompts of
 its own rank. Without it, ``apo train`` under torchrun stops with one line.
 
 Backends are registered by name as ``"module:Class"`` strings and imported only when chosen, so

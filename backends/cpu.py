@@ -33,13 +33,14 @@ from typing import Any
 
 import torch
 
-from apo_cli.parallel import World, destroy_process_group, gathered, init_process_group, shard
+from apo_cli.runtime.world import World, destroy_process_group, init_process_group
+from apo_cli.runtime.fsdp import gathered, shard
 from backends import Completion, SamplingParams
 
 
 class CPUBackend:
     name = "cpu"
-    supports_torchrun = True  # several processes: gloo, the policy sharded with FSDP2 (apo_cli/parallel.py)
+    supports_torchrun = True  # several processes: gloo, the policy sharded with FSDP2 (apo_cli/runtime/)
 
     def __init__(self, spec: Any):
         self.spec = spec

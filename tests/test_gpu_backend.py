@@ -130,7 +130,8 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from apo_cli.models import build_char_tokenizer, tiny_config
-    from apo_cli.parallel import World, full_named_tensors, init_process_group, shard
+    from apo_cli.runtime.world import World, init_process_group
+    from apo_cli.runtime.fsdp import full_named_tensors, shard
 
     w = World.from_env()
     device = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Several processes under torchrun (apo_cli/parallel.py), on CPU with gloo: the same loop as on
+"""Several processes under torchrun (apo_cli/runtime/), on CPU with gloo: the same loop as on
 several GPUs, minus NCCL.
 
 The strongest check: with the sampling replaced by a fixed function of the prompt

@@ -1,4 +1,4 @@
-"""The pieces of apo_cli/parallel.py that a single process can check (the torchrun runs are in
+"""The pieces of apo_cli/runtime/ that a single process can check (the torchrun runs are in
 test_parallel.py), and the merge of reward outputs across ranks."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from apo_cli.errors import RewardError
-from apo_cli.parallel import World, _name_optimizer_state, is_named_optimizer_state, load_optimizer_state
+from apo_cli.runtime.world import World
+from apo_cli.runtime.fsdp import _name_optimizer_state, is_named_optimizer_state, load_optimizer_state
 
 
 def test_ranks_split_the_prompts_into_contiguous_equal_blocks():

@@ -358,7 +358,7 @@ class RewardSet:
         if key in self._reported:
             return
         self._reported.add(key)
-        from apo_cli.parallel import World
+        from apo_cli.runtime.world import World
 
         w = World.from_env()
         where = f"rank {w.rank}: " if w.distributed else ""  # under torchrun each rank scores its own samples

@@ -16,7 +16,7 @@ Chosen with ``backend: {kind: gpu}``; its knobs are ``GPUBackendSpec`` (apo_cli/
 ``rollout: hf`` needs no vLLM: it is the CPU backend's generation code (stop strings on decoded text,
 EOS ids, raw-logit log-probs) run on the GPU, and ``sync_weights`` is a no-op because the engine is
 the policy. Under ``torchrun`` (one node, several GPUs) the loop is data parallel
-(apo_cli/parallel.py): the policy is sharded with FSDP2, each rank samples its own prompts, and
+(apo_cli/runtime/): the policy is sharded with FSDP2, each rank samples its own prompts, and
 the engine is replicated over groups of ``tensor_parallel_size`` ranks (each group samples the
 prompts of its ranks together, each rank holding one tensor-parallel shard). See docs/gpu.md.
 
@@ -39,15 +39,8 @@ from apo_cli.errors import BackendError
 from backends import Completion, SamplingParams
 from backends._optional import cuda_problem, vllm_problem
 from backends.cpu import CPUBackend, eos_ids
-from apo_cli.parallel import (
-    World,
-    destroy_process_group,
-    full_named_tensors,
-    full_trainable_state,
-    init_process_group,
-    is_sharded,
-    shard,
-)
+from apo_cli.runtime.world import World, destroy_process_group, init_process_group
+from apo_cli.runtime.fsdp import full_named_tensors, full_trainable_state, is_sharded, shard
 
 __all__ = ["GPUBackend"]
 
