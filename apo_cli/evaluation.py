@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apo_cli.generation import ResolvedModel, Sampler, batch_seed, chunks
+from apo_cli.generation import ResolvedModel, Sample, Sampler, batch_seed, chunks
+from apo_cli.sampling import sample_and_score
 
 CACHE_VERSION = 1
 EVAL_FILE = "eval.jsonl"
@@ -275,12 +276,12 @@ def _run_chunk(sampler: Sampler, rewards, task: EvalTask, settings: EvalSettings
 
     examples = [task.examples[p] for p in part]
     texts = [sampler.render(ex.prompt, ex, task.spec) for ex in examples]
-    ids = [sampler.encode(t, settings.max_new_tokens) for t in texts]
-    groups = sampler.sample_ids(ids, settings.params(b))
+    scored = sample_and_score(sampler.backend, sampler.tok, rewards, sampler.encode(texts, settings.max_new_tokens),
+                              texts, examples, settings.params(b))
     n = settings.samples
-    flat = [s for g in groups for s in g]
-    rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
-    out = rewards(rep(texts), [s.completion for s in flat], [s.ids for s in flat], rep(examples))
+    flat = [Sample(k // n, k % n, text, c.finish_reason, list(c.ids))
+            for k, (c, text) in enumerate(zip(scored.completions, scored.texts))]
+    out = scored.rewards
     if out.correct is not None:
         correct = [bool(c) for c in out.correct]
     else:

@@ -223,7 +223,7 @@ class Sampler:
     def __init__(self, model: ResolvedModel, backend: str = "cpu", *, chat_template: str = "auto",
                  system: str | None = None):
         from apo_cli.data import uses_chat_template
-        from apo_cli.models import load_model, load_tokenizer, quiet_transformers
+        from apo_cli.models import context_length, load_model, load_tokenizer, quiet_transformers
         from apo_cli.recipe import DataSpec
 
         quiet_transformers()
@@ -237,8 +237,7 @@ class Sampler:
         self.model = self.backend.setup(loaded, self.tok)
         self.spec = DataSpec(chat_template=chat_template, system_prompt=system)
         self.chat = uses_chat_template(self.spec, self.tok)
-        cfg = getattr(self.model, "config", None)
-        self.context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self.context = context_length(self.model)
 
     def render(self, prompt: str, example: Any = None, spec: Any = None) -> str:
         """The text the model sees for ``prompt`` (or for a dataset ``example`` with its ``spec``)."""
@@ -248,18 +247,27 @@ class Sampler:
             example = Example(index=0, prompt=prompt, answer=None)
         return render_prompt(example, spec or self.spec, self.tok)
 
-    def encode(self, text: str, max_new_tokens: int, chat: bool | None = None) -> list[int]:
-        ids = self.tok(text, add_special_tokens=not (self.chat if chat is None else chat)).input_ids
-        limit = max(1, self.context - max_new_tokens)
-        return ids[-limit:]
+    def encode(self, texts: list[str], max_new_tokens: int) -> list[list[int]]:
+        """Token ids of rendered prompts, each cut to what the context leaves for ``max_new_tokens``
+        (its last tokens kept, as in training); a warning says how many were cut."""
+        from apo_cli.sampling import encode_prompts, prompt_limit
+
+        enc = encode_prompts(self.tok, texts, chat=self.chat, limit=prompt_limit(self.context, max_new_tokens))
+        if enc.truncated:
+            warn(f"{enc.truncated} of {len(texts)} prompts are longer than {enc.limit} tokens (the context of "
+                 f"{self.context} less max_new_tokens {max_new_tokens}); each was cut to its last {enc.limit} tokens")
+        return enc.ids
 
     def sample_ids(self, prompt_ids: list[list[int]], params) -> list[list[Sample]]:
         """``params.n`` completions for each prompt (token ids in, decoded Samples out)."""
-        groups = self.backend.generate(prompt_ids, params)
+        from apo_cli.sampling import sample_groups
+
+        s = sample_groups(self.backend, self.tok, prompt_ids, params)
+        n = params.n
         return [
-            [Sample(i, j, self.tok.decode(c.ids, skip_special_tokens=True), c.finish_reason, list(c.ids))
-             for j, c in enumerate(g)]
-            for i, g in enumerate(groups)
+            [Sample(i, j, s.texts[i * n + j], s.completions[i * n + j].finish_reason, list(s.completions[i * n + j].ids))
+             for j in range(n)]
+            for i in range(len(prompt_ids))
         ]
 
     def stream_one(self, prompt_ids: list[int], params, write: Callable[[str], None]) -> Sample:
@@ -274,14 +282,10 @@ class Sampler:
                 write(text)
 
         streamer = _Streamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        # the CPU backend's sampler (also the GPU backend's rollout: hf) feeds the streamer set on it
-        engine = getattr(self.backend, "_hf", None) or self.backend
-        engine.streamer = streamer
-        try:
-            sample = self.sample_ids([prompt_ids], params)[0][0]
-        finally:
-            engine.streamer = None
-        if not written:  # an engine that does not stream (vLLM): print it whole
+        # a backend that can stream (the CPU sampler, also the GPU backend's rollout: hf) feeds it
+        c = self.backend.generate([prompt_ids], params, streamer=streamer)[0][0]
+        sample = Sample(0, 0, self.tok.decode(c.ids, skip_special_tokens=True), c.finish_reason, list(c.ids))
+        if not written:  # a backend that does not stream (vLLM): print it whole
             write(sample.completion)
         return sample
 

@@ -294,8 +294,9 @@ def load_policy(spec, *, seed: int = 0, device_dtype: str = "float32"):
     return model, tok, path
 
 
-def context_length(model, spec) -> int:
-    if spec.max_context:
+def context_length(model, spec=None) -> int:
+    """Tokens the model takes: the recipe's ``model.max_context``, else the model config's."""
+    if spec is not None and spec.max_context:
         return spec.max_context
     cfg = getattr(model, "config", None)
     return int(getattr(cfg, "max_position_embeddings", 2048) or 2048)

@@ -1,19 +1,28 @@
 """Rollout/compute engines behind one small Protocol, found through a lazy registry.
 
 A backend owns *where* the policy runs and *how* completions are sampled. The training loop talks
-to it on token ids only:
+to it on token ids only, through the members of :class:`Backend` (each documented there):
 
-- ``setup(model, tokenizer)``: take the policy (move it to the device, build an engine);
-- ``generate(prompts, params)``: G completions per prompt, with finish reasons and the engine's
-  log-probs of the sampled tokens;
+- ``name``, ``device`` (where the policy and its batches live), ``supports_torchrun``;
+- ``join()``: join the torchrun process group (the loop calls it first, so that every later failure
+  reaches all ranks);
+- ``setup(model, tokenizer)``: take the policy (move it to the device, shard it, build an engine);
+- ``autocast()``: the context the trainer's forward passes run in (the backend's compute dtype);
+- ``generate(prompts, params, *, streamer=None)``: G completions per prompt, with finish reasons and
+  the engine's log-probs of the sampled tokens; a transformers streamer, when given and the call
+  samples one completion, is fed its tokens as they are drawn (``apo generate --stream``);
 - ``sync_weights()``: make the engine sample from the policy's current weights (a no-op when the
   engine *is* the policy, as on CPU);
-- ``release_memory()`` / ``close()``.
+- ``close()``.
 
-A backend that runs under ``torchrun`` sets ``supports_torchrun = True`` and has ``join()``, which
-joins the process group (the loop calls it first, so that every later failure reaches all ranks);
-its ``setup`` shards the policy (``apo_cli.runtime.fsdp``), and its ``generate`` samples the prompts of
-its own rank. Without it, ``apo train`` under torchrun stops with one line.
+A backend that runs under ``torchrun`` sets ``supports_torchrun = True``; its ``setup`` shards the
+policy (``apo_cli.runtime.fsdp``), and its ``generate`` samples the prompts of its own rank. Without
+it, ``apo train`` under torchrun stops with one line.
+
+``backends.base.BackendBase`` gives the optional members defaults (cpu device, no torchrun, no
+autocast, nothing to sync or close); a third-party backend can subclass it and implement ``name``,
+``setup`` and ``generate``. The KV-cache decoding loop of the CPU backend (and of the GPU backend's
+``rollout: hf``) is ``backends.decoding.DecodingSampler``, usable by other backends as well.
 
 Backends are registered by name as ``"module:Class"`` strings and imported only when chosen, so
 the CPU path never imports vLLM or CUDA code. Third-party backends register through the
@@ -25,7 +34,10 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # torch is not imported by the registry
+    import torch
 
 __all__ = ["Backend", "Completion", "SamplingParams", "BUILTIN_BACKENDS", "backend_names", "create_backend"]
 
@@ -54,22 +66,49 @@ class Completion:
 
 @runtime_checkable
 class Backend(Protocol):
+    """What the training loop, ``apo generate`` and ``apo eval`` use of a backend (and nothing else).
+
+    ``backends.base.BackendBase`` implements the optional members with defaults.
+    """
+
     name: str
+    """The name the backend is registered under (``backend: {kind: NAME}``)."""
+
+    device: torch.device
+    """Where the policy lives after ``setup``: the trainer puts its batches (and the reference model)
+    there."""
+
+    supports_torchrun: bool
+    """Whether the backend runs as one of several ``torchrun`` processes (``join``, a sharded policy,
+    each rank sampling its own prompts). False: ``apo train`` under torchrun stops with one line."""
+
+    def join(self) -> None:
+        """Under torchrun: join the process group (a no-op for one process, or once joined). The loop
+        calls it before anything else can fail, so that a failure on one rank reaches all of them."""
 
     def setup(self, model: Any, tokenizer: Any) -> Any:
-        """Take the policy; return it (possibly moved/wrapped) for the trainer to optimise."""
+        """Take the policy; return it (possibly moved/wrapped/sharded) for the trainer to optimise."""
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """Sample ``params.n`` completions for each prompt: result[i][j] is prompt i's j-th."""
+    def autocast(self) -> Any:
+        """A fresh context manager for forward passes in the backend's compute dtype (the trainer's
+        log-prob passes run in it; ``generate`` uses it itself). A ``nullcontext`` when none."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *,
+                 streamer: Any = None) -> list[list[Completion]]:
+        """Sample ``params.n`` completions for each prompt: result[i][j] is prompt i's j-th.
+
+        ``streamer``: a transformers streamer (``put(ids)`` / ``end()``, e.g. ``TextStreamer`` with
+        ``skip_prompt=True``), fed the prompt and then each token as it is sampled when the call
+        samples exactly one completion. A backend that cannot stream (vLLM) ignores it; the caller
+        then prints the returned completion whole.
+        """
 
     def sync_weights(self) -> float:
-        """Push the policy's current weights to the engine; return the seconds it took."""
-
-    def release_memory(self) -> None:
-        """Free what the engine holds between rollouts (KV cache, caches)."""
+        """Push the policy's current weights to the engine; return the seconds it took (0.0 when the
+        engine is the policy)."""
 
     def close(self) -> None:
-        """Release everything."""
+        """Release everything (the engine, the process group)."""
 
 
 BUILTIN_BACKENDS: dict[str, str] = {

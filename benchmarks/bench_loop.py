@@ -1,6 +1,6 @@
 """What the training loop costs on top of the model work it has to do.
 
-One apo step (``Trainer._one_step``: rollout, rewards, advantages, schedule signals, the update, the
+One apo step (``Trainer.one_step``: rollout, rewards, advantages, schedule signals, the update, the
 metrics line) is timed against a hand-written step on a second copy of the same model, with the same
 shape (P prompts × G completions, ``max_new_tokens``, micro-batch size):
 
@@ -70,11 +70,11 @@ class RawStep:
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
         self.pad = self.tok.pad_token_id
         self.eos = trainer.tok.eos_token_id
-        self.autocast = trainer.autocast
+        self.autocast = trainer.backend.autocast
         self.prompts = []  # token ids of the trainer's own rendered prompts, cycled
         add_special = not bool(getattr(self.tok, "chat_template", None))
         for ex in trainer.examples[: 64]:
-            self.prompts.append(self.tok(trainer._render(ex), add_special_tokens=add_special).input_ids)
+            self.prompts.append(self.tok(trainer.render(ex), add_special_tokens=add_special).input_ids)
         self.k = 0
 
     def _batch(self) -> list[list[int]]:
@@ -138,7 +138,7 @@ class RawStep:
 def loop_step(trainer) -> tuple[float, float, float, float, int]:
     """(wall, cpu, rollout wall, train wall, completion tokens) of one apo step"""
     w0, c0 = time.perf_counter(), time.process_time()
-    record, _ = trainer._one_step()
+    record, _ = trainer.one_step()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     tokens = round(record["completions/mean_length"] * trainer.G * trainer.recipe.rollout.prompts_per_step)
     return wall, cpu, record["time/rollout"], record["time/train"], tokens

@@ -117,7 +117,7 @@ def run_apo(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     trainer = Trainer(recipe_from_dict(apo_recipe(args, tmp / "apo-run")))
     torch.set_num_threads(args.threads)
     clock = _StepClock()
-    one_step = trainer._one_step
+    one_step = trainer.one_step
     rewards: list[float] = []
 
     def timed_step():
@@ -126,7 +126,7 @@ def run_apo(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         rewards.append(record["reward"])
         return record, samples
 
-    trainer._one_step = timed_step
+    trainer.one_step = timed_step
     clock.__init__()
     trainer.train()
     trainer.backend.close()
@@ -139,7 +139,7 @@ def trl_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Any, str, 
     from apo_cli.data.template import user_message
     from apo_cli.models import load_tokenizer, resolve_model_path
     from apo_cli.recipe import recipe_from_dict
-    from apo_cli.train import DataOrder
+    from apo_cli.train.state import DataOrder
 
     recipe = recipe_from_dict(apo_recipe(args, Path(tempfile.gettempdir()) / "unused"))
     path = resolve_model_path(args.model, args.seed)

@@ -197,7 +197,7 @@ def test_random_kills_mid_checkpoint_kill_and_sigterm_then_resume_equal_straight
 
 
 def _signal_at(monkeypatch, step: int, sig: int, times: int = 1) -> None:
-    original = Trainer._one_step
+    original = Trainer.one_step
 
     def one_step(self):
         out = original(self)
@@ -206,7 +206,7 @@ def _signal_at(monkeypatch, step: int, sig: int, times: int = 1) -> None:
                 os.kill(os.getpid(), sig)
         return out
 
-    monkeypatch.setattr(Trainer, "_one_step", one_step)
+    monkeypatch.setattr(Trainer, "one_step", one_step)
 
 
 def test_sigint_finishes_the_step_saves_and_exits_130(tmp_path, cli, monkeypatch):
@@ -392,14 +392,14 @@ def test_nan_gradients_are_skipped_and_stop_the_run_with_a_checkpoint(tmp_path):
     t = Trainer(recipe_from_dict(d))
     _nan_grads(t, steps=set(range(3, 11)))
     after: dict[int, dict[str, torch.Tensor]] = {}
-    one_step = t._one_step
+    one_step = t.one_step
 
     def recording_step():
         out = one_step()
         after[t.step] = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
         return out
 
-    t._one_step = recording_step
+    t.one_step = recording_step
     with pytest.raises(TrainingError, match="2 optimizer steps in a row had a non-finite loss or gradient"):
         t.train()
     rows = _metrics(tmp_path / "ngrad")

@@ -84,6 +84,51 @@ def test_two_processes_take_the_one_process_step(runs):
     assert p.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_take_the_step_one_node_of_two_processes_takes(runs, tmp_path):
+    """What a two-node run launches, on localhost: one torchrun per node, one process each, meeting
+    through the c10d rendezvous (ranks are given by the rendezvous; RANK 0 writes wherever it lands).
+    The same recipe as the standalone two-process run, the same weights and metrics."""
+    import time
+    import uuid
+
+    import yaml
+
+    two, recipe, _ = runs["two"]
+    d = yaml.safe_load(recipe.read_text())
+    d["run"].update(name="nodes", output_dir=str(tmp_path / "nodes"))
+    nodes_recipe = write_recipe(tmp_path, d, "nodes.yaml")
+    port, rdzv_id = _free_port(), f"apo-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "APO_DEBUG": "0", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}",
+         str(DRIVER), "train", str(nodes_recipe)],
+        cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        for rank in (0, 1)]
+    deadline, outs = time.monotonic() + 300, []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic())))
+    finally:
+        for proc in procs:  # a node left waiting at the rendezvous (or hung) goes with its workers
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait(timeout=30)
+    for proc, (_, stderr) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+    assert _max_diff(_weights(two, 4), _weights(tmp_path / "nodes", 4)) < 1e-5
+    assert [m["step"] for m in _metrics(tmp_path / "nodes")] == [1, 2, 3, 4]  # written once, by rank 0
+    assert sum(out.count("done: 4 steps") for out, _ in outs) == 1
+
+
 def test_with_engine_logprobs_later_epochs_use_the_rollout_anchors(tmp_path):
     """Engine log-probs (as from vLLM or the CPU sampler): the first mini-batch anchors itself on the
     rank that trains each row, and a later epoch may hand those rows to another rank, which must

@@ -175,7 +175,7 @@ def test_same_seed_same_samples(engine):
 
 
 def test_stop_strings_end_the_completion_like_the_cpu_backend(engine):
-    from backends.cpu import _cut
+    from backends.decoding import _cut
 
     backend, _, tok = engine
     stop = tuple("aeiou")  # a random char-level model hits one of these within 40 tokens nearly always

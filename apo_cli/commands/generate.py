@@ -131,7 +131,7 @@ def generate(
                                   top_k=top_k, stop=tuple(unescape(x) for x in stop or ()), seed=batch_seed(seed, b),
                                   greedy=greedy)
 
-        ids = [sampler.encode(sampler.render(t), max_new_tokens) for t in texts]
+        ids = sampler.encode([sampler.render(t) for t in texts], max_new_tokens)
         if stream:
             s = sampler.stream_one(ids[0], params_for(0), lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
             sys.stdout.write("\n")

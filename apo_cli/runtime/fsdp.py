@@ -202,3 +202,13 @@ def _name_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: d
     named_state = {order[int(i)]: s for i, s in state["state"].items()}
     groups = [{**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]]
     return {"state": named_state, "param_groups": groups}
+
+
+def clip_grad_norm(model: Any, max_norm: float | None) -> float:
+    """Clip the gradients of ``model``'s parameters to ``max_norm`` (None: only measure) and return
+    the total norm before clipping; sharded, the norm of all shards together."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

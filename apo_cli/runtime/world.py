@@ -97,6 +97,25 @@ class World:
         dist.all_gather_object(out, obj)
         return out
 
+    def exchange(self, local: dict[Any, Any], device: Any) -> dict[Any, Any]:
+        """Every rank's ``local`` entries (tensors), merged in rank order, on ``device`` on every
+        rank; in one process ``local`` itself."""
+        if self.size == 1:
+            return local
+        out: dict[Any, Any] = {}
+        for part in self.gather({k: t.cpu() for k, t in local.items()}):
+            out.update({k: t.to(device) for k, t in part.items()})
+        return out
+
+    def sum(self, value: float) -> float:
+        """``value`` added up over the ranks."""
+        return float(sum(self.gather(value))) if self.size > 1 else float(value)
+
+    def backward(self, loss: Any) -> None:
+        """``loss.backward()`` for a loss that is this rank's share of a sum over all ranks: FSDP
+        averages gradients over the ranks, so the loss is scaled by their number first."""
+        (loss * self.size if self.size > 1 else loss).backward()
+
     def all_true(self, flag: bool) -> bool:
         return all(self.gather(bool(flag)))
 

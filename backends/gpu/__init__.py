@@ -13,12 +13,15 @@ Chosen with ``backend: {kind: gpu}``; its knobs are ``GPUBackendSpec`` (apo_cli/
    model folder samples from the policy even when the loop changed it after ``setup`` (a resumed
    checkpoint).
 
-``rollout: hf`` needs no vLLM: it is the CPU backend's generation code (stop strings on decoded text,
-EOS ids, raw-logit log-probs) run on the GPU, and ``sync_weights`` is a no-op because the engine is
-the policy. Under ``torchrun`` (one node, several GPUs) the loop is data parallel
-(apo_cli/runtime/): the policy is sharded with FSDP2, each rank samples its own prompts, and
-the engine is replicated over groups of ``tensor_parallel_size`` ranks (each group samples the
-prompts of its ranks together, each rank holding one tensor-parallel shard). See docs/gpu.md.
+``rollout: hf`` needs no vLLM: it is the CPU backend's sampler (``backends.decoding.DecodingSampler``:
+stop strings on decoded text, EOS ids, raw-logit log-probs) run on the GPU under this backend's
+autocast, and ``sync_weights`` is a no-op because the engine is the policy. Only it can stream
+(``generate(..., streamer=...)``); the vLLM engine ignores a streamer.
+
+Under ``torchrun`` (one node, several GPUs) the loop is data parallel (apo_cli/runtime/): the policy
+is sharded with FSDP2, each rank samples its own prompts, and the engine is replicated over groups
+of ``tensor_parallel_size`` ranks (each group samples the prompts of its ranks together, each rank
+holding one tensor-parallel shard). See docs/gpu.md.
 
 Missing vLLM or CUDA fails at construction, before any model is loaded, with one line
 (backends/_optional.py holds the checks and the supported vLLM window).
@@ -30,7 +33,6 @@ import contextlib
 import dataclasses
 import gc
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -38,16 +40,19 @@ import torch
 from apo_cli.errors import BackendError
 from backends import Completion, SamplingParams
 from backends._optional import cuda_problem, vllm_problem
-from backends.cpu import CPUBackend, eos_ids
+from backends.decoding import DecodingSampler, eos_ids
 from apo_cli.runtime.world import World, destroy_process_group, init_process_group
-from apo_cli.runtime.fsdp import full_named_tensors, full_trainable_state, is_sharded, shard
+from apo_cli.runtime.fsdp import full_named_tensors, full_trainable_state, gathered, is_sharded, shard
 
 __all__ = ["GPUBackend"]
 
 
 class GPUBackend:
+    """The ``backends.Backend`` Protocol on CUDA (every member implemented here)."""
+
     name = "gpu"
     supports_torchrun = True
+    device: torch.device
 
     def __init__(self, spec: Any, *, _device: str | None = None, _engine_overrides: dict[str, Any] | None = None):
         """``_device`` and ``_engine_overrides`` exist for the ``vllm``-marked tests, which run the
@@ -68,7 +73,7 @@ class GPUBackend:
         self.model: Any = None
         self.tokenizer: Any = None
         self.engine: Any = None  # VLLMEngine when rollout == "vllm"
-        self._hf: CPUBackend | None = None  # the CPU backend's generate, on this device, when rollout == "hf"
+        self._sampler: DecodingSampler | None = None  # the CPU backend's sampler, on this device, when rollout == "hf"
         self._autocast_dtype: torch.dtype | None = None
         self._eos: list[int] = []
         self._engine_stale = True  # the engine has not seen the policy's weights yet
@@ -101,7 +106,7 @@ class GPUBackend:
         self.model, self.tokenizer = model, tokenizer
         self._eos = eos_ids(model, tokenizer)
         if self.spec.rollout == "hf":
-            self._hf = _hf_generator(model, tokenizer, self.device, self.autocast)
+            self._sampler = DecodingSampler(model, tokenizer, self.device, self.autocast)
         else:
             from backends.gpu.vllm_engine import VLLMEngine, engine_kwargs
 
@@ -121,11 +126,15 @@ class GPUBackend:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *,
+                 streamer: Any = None) -> list[list[Completion]]:
+        """``params.n`` completions per prompt. ``streamer`` is fed by ``rollout: hf`` when exactly one
+        completion is sampled; the vLLM engine returns whole completions and ignores it."""
         if not prompts:
             return []
-        if self._hf is not None:
-            return self._hf.generate(prompts, params)
+        if self._sampler is not None:
+            with gathered(self.model):  # a sharded policy: full weights once, then no collective per token
+                return self._sampler.generate(prompts, params, streamer)
         if self._engine_stale:
             self.sync_weights()
         try:
@@ -166,18 +175,11 @@ class GPUBackend:
         self.sync_count += 1
         return time.perf_counter() - t0
 
-    def release_memory(self) -> None:
-        if self.engine is not None:
-            self.engine.sleep()
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-        self._hf = None
+        self._sampler = None
         self.model = None
         gc.collect()
         if self.world.size > 1:
@@ -198,16 +200,6 @@ def _check_world(world: World, spec: Any) -> None:
     if spec.rollout == "vllm" and world.size % tp:
         raise BackendError(f"backend.tensor_parallel_size={tp} must divide the {world.size} torchrun processes: "
                            f"each group of {tp} holds one engine")
-
-
-def _hf_generator(model: Any, tokenizer: Any, device: torch.device, autocast) -> CPUBackend:
-    """The CPU backend's generation code, driving the policy on ``device``."""
-    hf = CPUBackend(SimpleNamespace(threads=torch.get_num_threads(), dtype="float32"))
-    hf.model = model
-    hf.tokenizer = tokenizer
-    hf.device = device
-    hf.autocast = autocast  # the GPU backend's compute dtype, not the CPU spec's
-    return hf
 
 
 def _lora_rank(model: Any) -> int | None:

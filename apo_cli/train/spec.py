@@ -1,0 +1,111 @@
+"""The sections of a recipe the training loop reads: ``run``, ``rollout``, ``optim``, ``checkpoint``, ``logging``.
+
+Defined here, beside the loop (:mod:`apo_cli.train.loop`), on the shared :class:`apo_cli.spec.Section`.
+This module imports pydantic only; ``apo_cli.train`` imports the loop lazily, so parsing a recipe does
+not load it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from apo_cli.spec import Section, on_off
+
+__all__ = ["CheckpointSpec", "LoggingSpec", "OptimSpec", "RolloutSpec", "RunSpec"]
+
+
+class RunSpec(Section):
+    name: str = Field("apo-run", description="Run name, shown in the dashboard and used in the default output_dir.")
+    output_dir: str | None = Field(
+        None,
+        description="Run directory (relative paths are taken from the current directory). Default: runs/<name>.",
+    )
+    seed: int = Field(0, ge=0, description="Seed for data order, sampling and initialisation.")
+    max_steps: int | None = Field(
+        100, ge=1, description="Number of training steps (one step = one rollout and its updates). Set this or epochs."
+    )
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training prompts; used when max_steps is null."
+    )
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> RunSpec:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set run.max_steps or run.epochs (both are null)")
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError("run name must be 1-100 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+
+class RolloutSpec(Section):
+    group_size: int = Field(8, description="G: completions sampled per prompt (the group).")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per rollout (training step).")
+    max_new_tokens: int = Field(256, ge=1, description="Longest completion, in tokens.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Prompts longer than this are truncated from the left (and counted)."
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings; generation ends after one appears.")
+
+    @field_validator("group_size")
+    @classmethod
+    def _g_at_least_two(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"group_size must be at least 2 (a group of {v} has no relative advantage)")
+        return v
+
+
+class OptimSpec(Section):
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up, in optimizer steps.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warm-up.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip of the global gradient norm (null: off).")
+    micro_batch_size: int = Field(
+        8, ge=1, description="Sequences per forward/backward; mini-batches are accumulated from micro-batches."
+    )
+    max_consecutive_skips: int = Field(
+        3, ge=1, description="Stop after this many optimizer steps in a row skipped for non-finite loss or gradient."
+    )
+
+
+class CheckpointSpec(Section):
+    every: int = Field(10, ge=1, description="Save a checkpoint every N steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    resume: Literal["never", "auto"] = Field(
+        "never", description="auto: continue from the latest checkpoint of output_dir when one exists."
+    )
+
+
+class LoggingSpec(Section):
+    metrics_file: str = Field("metrics.jsonl", description="Metrics file name inside the run directory.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard events under <run>/tb.")
+    dashboard: Literal["auto", "rich", "plain", "off"] = Field(
+        "auto", description="auto: rich dashboard on a terminal, plain lines otherwise."
+    )
+    samples_per_step: int = Field(2, ge=0, description="Completions shown and written to samples.jsonl per step.")
+
+    @field_validator("dashboard", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return on_off(v)
+
+    @field_validator("metrics_file")
+    @classmethod
+    def _inside_run_dir(cls, v: str) -> str:
+        p = Path(v)
+        if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
+            raise ValueError("metrics_file must be a plain file name inside the run directory")
+        return v
