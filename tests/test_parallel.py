@@ -78,7 +78,10 @@ def test_two_processes_take_the_one_process_step(runs):
         for key in ("reward", "reward_std", "alpha", "confidence", "rewards/frac_a/mean", "completions/mean_length"):
             assert b[key] == pytest.approx(a[key], abs=1e-6), key
         for key in ("loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+            # after three updates the weights differ by float summation order (< 1e-5, checked
+            # above); a step whose rewards are all 0 has a loss of ~3e-4 from the z-loss alone, whose
+            # relative difference then reaches 2e-4 on AMD EPYC (AVX-512) while it stayed < 1e-4 on Intel
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-7), key
     assert sum(1 for m in m2 if m["grad_norm"] > 0) >= 2  # the comparison is of real updates
     assert len((two / "samples.jsonl").read_text().splitlines()) == 4
     assert p.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
