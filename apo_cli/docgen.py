@@ -73,7 +73,7 @@ def render_schema_json() -> str:
 
 def _type_text(ann) -> str:
     text = str(ann) if not isinstance(ann, type) else ann.__name__
-    text = re.sub(r"typing\.|apo_cli\.recipe\.|<class '([^']+)'>", lambda m: m.group(1) or "", text)
+    text = re.sub(r"typing\.|\b(?:apo_cli|backends)(?:\.\w+)*\.(?=[A-Z])|<class '([^']+)'>", lambda m: m.group(1) or "", text)
     return text.replace("NoneType", "null").replace("Literal", "one of ")
 
 
@@ -121,11 +121,11 @@ def render_recipe_md() -> str:
             section(p, m)
 
     for name, f in Recipe.model_fields.items():
-        if name == "backend":
-            from apo_cli.recipe import CPUBackendSpec, GPUBackendSpec
+        if name == "backend":  # one section per built-in backend: the options model of each kind
+            from backends.options import builtin_backend_options
 
-            section("backend (kind: cpu)", CPUBackendSpec)
-            section("backend (kind: gpu)", GPUBackendSpec)
+            for kind, options in builtin_backend_options():
+                section(f"backend (kind: {kind})", options)
         else:
             section(name, _unwrap_model(f.annotation))
     return "\n".join(line for i, line in enumerate(out) if not (line == "" and i and out[i - 1] == "")) + "\n"

@@ -192,18 +192,28 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 def make_backend(kind: str):
-    """A backend for inference (`cpu` or `gpu`), with a one-line error when it cannot be had."""
+    """A backend for inference (any registered one, with its default options), with a one-line error
+    when it cannot be had."""
+    from pydantic import ValidationError
+
+    from apo_cli.registry import UnknownName
     from apo_cli.runtime.world import World
-    from apo_cli.recipe import CPUBackendSpec, GPUBackendSpec
     from backends import create_backend
+    from backends.options import backend_options
 
     if World.from_env().distributed:  # every process would do all the work and write the same files
         raise UsageError("apo generate and apo eval run as one process; only apo train runs under torchrun")
-    spec = CPUBackendSpec() if kind == "cpu" else GPUBackendSpec()
     try:
+        spec = backend_options(kind).model_validate({"kind": kind})
         return create_backend(spec)
+    except UnknownName as e:
+        raise UsageError(str(e)) from None
     except ImportError as e:
         raise BackendError(f"backend {kind!r} is not available here: {e}") from None
+    except ValidationError as e:  # a plugin whose options have required fields
+        err = e.errors(include_url=False)[0]
+        raise BackendError(f"backend {kind!r} has no default for backend.{'.'.join(map(str, err['loc']))}: "
+                           f"{err['msg']}") from None
 
 
 @dataclass

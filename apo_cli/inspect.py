@@ -72,7 +72,7 @@ def _recipe_dict(run_dir: Path) -> dict[str, Any] | None:
 def _alpha_spec(recipe: dict[str, Any] | None, where: Path):
     from pydantic import ValidationError
 
-    from apo_cli.recipe import AlphaScheduleSpec
+    from apo_cli.algo.spec import AlphaScheduleSpec
 
     raw = ((recipe or {}).get("algorithm") or {}).get("alpha") or {}
     try:
@@ -145,7 +145,7 @@ def what_if_spec(base: Any, kind: str | None, params: list[str]):
     import yaml
     from pydantic import ValidationError
 
-    from apo_cli.recipe import AlphaScheduleSpec
+    from apo_cli.algo.spec import AlphaScheduleSpec
 
     data = base.model_dump()
     if kind is not None:

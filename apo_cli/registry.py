@@ -60,6 +60,7 @@ class Registry(Generic[T]):
         self.group = group
         self._entries: dict[str, T | str] = {}
         self._loaded: dict[str, T] = {}
+        self._from_group: list[str] = []  # names found in the entry-point group, in scan order
         self._scanned = group is None
 
     # -- adding -----------------------------------------------------------------------------------
@@ -70,6 +71,8 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.what} {name!r} is registered twice")
         self._entries[name] = obj
         self._loaded.pop(name, None)
+        if name in self._from_group:  # now added in code: no longer the plugin's
+            self._from_group.remove(name)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator form of :meth:`add`."""
@@ -93,12 +96,37 @@ class Registry(Generic[T]):
         for ep in eps:
             if ep.name not in self._entries:  # a built-in of the same name stays the built-in
                 self._entries[ep.name] = ep.value
+                self._from_group.append(ep.name)
+
+    def reset(self) -> None:
+        """Forget what the entry-point group gave; the next lookup reads the group again.
+
+        For tests and long-lived processes that install a plugin: the built-ins stay.
+        """
+        for name in self._from_group:
+            self._entries.pop(name, None)
+            self._loaded.pop(name, None)
+        self._from_group = []
+        self._scanned = self.group is None
 
     # -- looking up -------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
         self._scan()
         return sorted(self._entries)
+
+    def ordered(self) -> list[str]:
+        """The names in the order they were added: the built-ins, then the entry points as found."""
+        self._scan()
+        return list(self._entries)
+
+    def builtins(self) -> list[str]:
+        """The names added in code (not from the entry-point group), in the order they were added.
+
+        What generated docs describe: they must not depend on the plugins installed where they run.
+        Reads no entry points.
+        """
+        return [n for n in self._entries if n not in self._from_group]
 
     def __contains__(self, name: object) -> bool:
         self._scan()

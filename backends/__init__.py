@@ -24,22 +24,25 @@ autocast, nothing to sync or close); a third-party backend can subclass it and i
 ``setup`` and ``generate``. The KV-cache decoding loop of the CPU backend (and of the GPU backend's
 ``rollout: hf``) is ``backends.decoding.DecodingSampler``, usable by other backends as well.
 
-Backends are registered by name as ``"module:Class"`` strings and imported only when chosen, so
-the CPU path never imports vLLM or CUDA code. Third-party backends register through the
-``apo.backends`` entry-point group, exactly like the built-ins (see pyproject.toml).
+Backends are registered by name in :data:`BACKENDS` (an ``apo_cli.registry.Registry``) as
+``"module:attribute"`` strings imported only when chosen, so the CPU path never imports vLLM or CUDA
+code. Third-party backends register through the ``apo.backends`` entry-point group, exactly like the
+built-ins (see pyproject.toml); ``backend: {kind: NAME}`` in a recipe chooses one, and its other
+keys are validated by the backend's options model (:mod:`backends.options`).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from apo_cli.registry import Registry, UnknownName, load_target
 
 if TYPE_CHECKING:  # torch is not imported by the registry
     import torch
 
-__all__ = ["Backend", "Completion", "SamplingParams", "BUILTIN_BACKENDS", "backend_names", "create_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendRef", "Completion", "SamplingParams", "BUILTIN_BACKENDS", "backend_names",
+           "create_backend", "load_backend_class"]
 
 FinishReason = Literal["stop", "length"]
 
@@ -111,35 +114,39 @@ class Backend(Protocol):
         """Release everything (the engine, the process group)."""
 
 
-BUILTIN_BACKENDS: dict[str, str] = {
-    "cpu": "backends.cpu:CPUBackend",
-    "gpu": "backends.gpu:GPUBackend",
-}
+@dataclass(frozen=True)
+class BackendRef:
+    """A light registry entry for a backend: its options model now, its class (``"module:Class"``)
+    imported only when the backend is created (see :mod:`backends.options`)."""
+
+    target: str  # "module:Class" of the backend
+    options: Any  # the options model (a backends.options.BackendOptions subclass)
+
+    def load(self) -> type:
+        return load_target(self.target)
 
 
-def _registry() -> dict[str, str]:
-    names = dict(BUILTIN_BACKENDS)
-    try:
-        for ep in entry_points(group="apo.backends"):
-            names.setdefault(ep.name, ep.value)
-    except Exception:  # a broken third-party distribution must not break the built-ins
-        pass
-    return names
+BACKENDS: Registry[Any] = Registry("backend", group="apo.backends")
+"""Every backend by name: a backend class or a :class:`BackendRef`, either way lazily imported. The
+built-ins are registered exactly as an entry point of the ``apo.backends`` group would register them."""
+BACKENDS.add("cpu", "backends.cpu_options:CPU")
+BACKENDS.add("gpu", "backends.gpu_options:GPU")
+
+BUILTIN_BACKENDS: tuple[str, ...] = tuple(BACKENDS.builtins())
 
 
 def backend_names() -> list[str]:
-    return sorted(_registry())
+    return BACKENDS.names()
 
 
 def load_backend_class(name: str) -> type:
     from apo_cli.errors import BackendError
 
-    target = _registry().get(name)
-    if target is None:
-        raise BackendError(f"unknown backend {name!r}; available: {', '.join(backend_names())}")
-    module_name, _, cls_name = target.partition(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, cls_name)
+    try:
+        entry = BACKENDS.get(name)
+    except UnknownName as e:
+        raise BackendError(str(e)) from None
+    return entry.load() if isinstance(entry, BackendRef) else entry
 
 
 def create_backend(spec: Any) -> Backend:

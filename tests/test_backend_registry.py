@@ -37,11 +37,15 @@ def test_builtins_resolve():
     assert isinstance(create_backend(CPUBackendSpec(threads=1)), backends.Backend)
 
 
-def test_third_party_backends_register_through_entry_points(monkeypatch):
+def test_third_party_backends_register_through_entry_points(monkeypatch, request):
+    import importlib.metadata
+
     class EP:
         name, value = "mine", "backends.cpu:CPUBackend"
 
-    monkeypatch.setattr(backends, "entry_points", lambda group: [EP()] if group == "apo.backends" else [])
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [EP()] if group == "apo.backends" else [])
+    backends.BACKENDS.reset()  # the registry reads the (patched) entry points again ...
+    request.addfinalizer(backends.BACKENDS.reset)  # ... and the real ones after the test
     assert "mine" in backend_names()
     from backends.cpu import CPUBackend
 

@@ -17,11 +17,13 @@ from apo_cli.algo.objectives import (
     alpha_divergence,
     anchored_logits,
     get_objective,
+    make_objective,
     register_objective,
     resolved,
     sequence_logprob,
 )
 from apo_cli.algo.schedules import (
+    ALPHA_SCHEDULES,
     AlphaSchedule,
     Signals,
     TauSchedule,
@@ -31,6 +33,7 @@ from apo_cli.algo.schedules import (
 
 __all__ = [
     "AGGREGATIONS",
+    "ALPHA_SCHEDULES",
     "OBJECTIVES",
     "AlphaSchedule",
     "LossBatch",
@@ -48,6 +51,7 @@ __all__ = [
     "group_target",
     "group_view",
     "make_alpha_schedule",
+    "make_objective",
     "masked_mean",
     "register_objective",
     "resolved",

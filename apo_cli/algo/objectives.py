@@ -38,9 +38,10 @@ from torch import Tensor
 
 from apo_cli.algo.aggregation import agg_loss, masked_mean
 from apo_cli.algo.advantages import group_order
+from apo_cli.registry import Registry
 
 if TYPE_CHECKING:
-    from apo_cli.recipe import AlgorithmSpec
+    from apo_cli.algo.spec import AlgorithmSpec
 
 # Below this alpha, expm1(alpha x) / alpha is replaced by its series x (1 + alpha x / 2): alpha*x
 # could otherwise be subnormal and lose precision; the neglected term is O((alpha x)^2) ~ 1e-24.
@@ -94,7 +95,19 @@ class ObjectiveInfo:
     uses_alpha: bool  # True when LossContext.alpha matters (the alpha schedule runs)
 
 
-OBJECTIVES: dict[str, ObjectiveInfo] = {}
+OBJECTIVES: Registry[ObjectiveInfo] = Registry("objective", group="apo.objectives")
+"""Every objective by name. A third-party package names an :class:`ObjectiveInfo` (built with
+:func:`make_objective`) in the ``apo.objectives`` entry-point group (``myobj =
+"my_pkg.losses:MY_OBJECTIVE"``), imported only when a recipe chooses it; code that trains in-process
+can also call :func:`register_objective`."""
+
+
+def make_objective(
+    name: str, fn: LossFn, *, params: frozenset[str] | set[str], defaults: dict[str, Any] | None = None,
+    uses_alpha: bool = False,
+) -> ObjectiveInfo:
+    """An :class:`ObjectiveInfo` (what an ``apo.objectives`` entry point names), not registered."""
+    return ObjectiveInfo(name, fn, frozenset(params), dict(defaults or {}), uses_alpha)
 
 
 def register_objective(
@@ -105,17 +118,15 @@ def register_objective(
     def deco(fn: LossFn) -> LossFn:
         if name in OBJECTIVES:
             raise ValueError(f"objective {name!r} is already registered")
-        OBJECTIVES[name] = ObjectiveInfo(name, fn, frozenset(params), dict(defaults or {}), uses_alpha)
+        OBJECTIVES.add(name, make_objective(name, fn, params=params, defaults=defaults, uses_alpha=uses_alpha))
         return fn
 
     return deco
 
 
 def get_objective(name: str) -> ObjectiveInfo:
-    try:
-        return OBJECTIVES[name]
-    except KeyError:
-        raise KeyError(f"unknown objective {name!r}; valid names: {', '.join(sorted(OBJECTIVES))}") from None
+    """The objective registered as ``name``; an unknown name is a KeyError listing the valid ones."""
+    return OBJECTIVES.get(name)
 
 
 def resolved(spec: AlgorithmSpec, field: str) -> Any:

@@ -15,7 +15,9 @@ their field names, so any schedule can be replayed exactly from ``metrics.jsonl`
   correctness); near 1 when the model is confident where it is right, the situation where
   exploiting its mode is safe.
 
-Alpha schedules (``AlphaScheduleSpec.kind``), alpha high = coverage, low = exploitation:
+Alpha schedules (``AlphaScheduleSpec.kind``, names of the :data:`ALPHA_SCHEDULES` registry, which
+third-party packages extend through the ``apo.alpha_schedules`` entry-point group), alpha high =
+coverage, low = exploitation:
 
 - ``constant``: ``value`` (default alpha_max);
 - ``linear`` / ``cosine``: alpha_max -> alpha_min over ``steps`` steps (default run.max_steps),
@@ -39,6 +41,7 @@ Every ``state_dict`` is JSON-serialisable (floats, ints, bools, lists).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,9 +49,10 @@ import torch
 from torch import Tensor
 
 from apo_cli.algo.advantages import group_view
+from apo_cli.registry import Registry, UnknownName
 
 if TYPE_CHECKING:
-    from apo_cli.recipe import AdaptiveTauSpec, AlphaScheduleSpec
+    from apo_cli.algo.spec import AdaptiveTauSpec, AlphaScheduleSpec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,20 +285,49 @@ class GuardedAlpha:
         self.slope = float(d["slope"])
 
 
+AlphaScheduleFactory = Callable[["AlphaScheduleSpec", "int | None"], AlphaSchedule]
+
+ALPHA_SCHEDULES: Registry[AlphaScheduleFactory] = Registry("alpha schedule", group="apo.alpha_schedules")
+"""Alpha schedule factories ``(spec, max_steps) -> AlphaSchedule`` by ``AlphaScheduleSpec.kind``.
+
+A third-party package adds one through the ``apo.alpha_schedules`` entry-point group
+(``mykind = "my_pkg.schedules:make_my_schedule"``); the factory reads the fields of
+``AlphaScheduleSpec`` it needs. The built-ins below are registered the same way, by name."""
+
+
+@ALPHA_SCHEDULES.register("constant")
+def _constant(spec: AlphaScheduleSpec, max_steps: int | None) -> AlphaSchedule:
+    return ConstantAlpha(spec.alpha_max if spec.value is None else spec.value)
+
+
+def _annealed(spec: AlphaScheduleSpec, max_steps: int | None) -> AlphaSchedule:
+    steps = spec.steps or max_steps
+    if not steps:
+        raise ValueError(f"alpha schedule {spec.kind!r} needs algorithm.alpha.steps when run.max_steps is not set")
+    return AnnealedAlpha(spec.kind, spec.alpha_max, spec.alpha_min, steps)
+
+
+ALPHA_SCHEDULES.add("linear", _annealed)
+ALPHA_SCHEDULES.add("cosine", _annealed)
+
+
+@ALPHA_SCHEDULES.register("reward_confidence")
+def _reward_confidence(spec: AlphaScheduleSpec, max_steps: int | None) -> AlphaSchedule:
+    return RewardConfidenceAlpha(spec.alpha_max, spec.alpha_min)
+
+
+@ALPHA_SCHEDULES.register("guarded")
+def _guarded(spec: AlphaScheduleSpec, max_steps: int | None) -> AlphaSchedule:
+    return GuardedAlpha(spec)
+
+
 def make_alpha_schedule(spec: AlphaScheduleSpec, max_steps: int | None) -> AlphaSchedule:
     """The schedule named by ``spec.kind``; ``max_steps`` is the default length of linear/cosine."""
-    if spec.kind == "constant":
-        return ConstantAlpha(spec.alpha_max if spec.value is None else spec.value)
-    if spec.kind in ("linear", "cosine"):
-        steps = spec.steps or max_steps
-        if not steps:
-            raise ValueError(f"alpha schedule {spec.kind!r} needs algorithm.alpha.steps when run.max_steps is not set")
-        return AnnealedAlpha(spec.kind, spec.alpha_max, spec.alpha_min, steps)
-    if spec.kind == "reward_confidence":
-        return RewardConfidenceAlpha(spec.alpha_max, spec.alpha_min)
-    if spec.kind == "guarded":
-        return GuardedAlpha(spec)
-    raise ValueError(f"unknown alpha schedule kind {spec.kind!r}")
+    try:
+        factory = ALPHA_SCHEDULES.get(spec.kind)
+    except UnknownName:
+        raise ValueError(f"unknown alpha schedule kind {spec.kind!r}") from None
+    return factory(spec, max_steps)
 
 
 # --------------------------------------------------------------------------------------------------

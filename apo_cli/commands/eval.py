@@ -8,7 +8,6 @@ import typer
 
 from apo_cli.commands._common import guarded
 from apo_cli.commands.generate import (
-    BackendKind,
     BackendOpt,
     BatchOpt,
     ChatOpt,
@@ -20,58 +19,79 @@ from apo_cli.commands.generate import (
 )
 
 
+ModelsArg = Annotated[
+    list[str],
+    typer.Argument(help="Checkpoint folders, run directories (all their checkpoints), globs "
+                        "('runs/x/checkpoints/step-*'), hub ids or built-in aliases.", show_default=False),
+]
+
+RecipeOpt = Annotated[
+    Path | None,
+    typer.Option("--recipe", "-r", help="Evaluate on this recipe's eval split with its rewards (default: the "
+                                        "run's own recipe when MODEL is a run or its checkpoint)."),
+]
+
+DataOpt = Annotated[
+    str | None, typer.Option("--data", "-d", help="Evaluate on every row of this source instead: builtin:<task>, "
+                                                  "a .jsonl/.json/.parquet/.csv file, or a hub dataset.")
+]
+
+RewardOpt = Annotated[
+    list[str] | None,
+    typer.Option("--reward", help="With --data: reward name (repeatable; default exact_match).")
+]
+
+KOpt = Annotated[int | None, typer.Option("-k", min=1, help="Samples per problem for the @k metrics "
+                                                         "(default 4; 1 with --greedy).")]
+
+SamplesOpt = Annotated[
+    int | None, typer.Option("--samples", "-n", min=1, help="Completions drawn per problem (>= k, default k); "
+                                                           "more samples make pass@k less noisy.")
+]
+
+TemperatureOpt = Annotated[
+    float | None, typer.Option("--temperature", "-t", help="Sampling temperature (default: the recipe's, else 1.0).")
+]
+
+MaxNewTokensOpt = Annotated[
+    int | None, typer.Option("--max-new-tokens", "-m", min=1, help="Longest completion (default: the recipe's, else 256).")
+]
+
+PassThresholdOpt = Annotated[
+    float, typer.Option("--pass-threshold", help="Without a verifying reward: a sample is correct when its "
+                                                 "total reward reaches this.")
+]
+
+DumpOpt = Annotated[Path | None, typer.Option("--dump", help="Write every sample (completion, answer, "
+                                                         "correctness, reward) as JSONL here.")]
+
+
 @guarded
 def eval_(
-    models: Annotated[
-        list[str],
-        typer.Argument(help="Checkpoint folders, run directories (all their checkpoints), globs "
-                            "('runs/x/checkpoints/step-*'), hub ids or built-in aliases.", show_default=False),
-    ],
+    models: ModelsArg,
     base: Annotated[bool, typer.Option("--base", help="Also evaluate the base model of each run, for reference.")] = False,
-    recipe: Annotated[
-        Path | None,
-        typer.Option("--recipe", "-r", help="Evaluate on this recipe's eval split with its rewards (default: the "
-                                            "run's own recipe when MODEL is a run or its checkpoint)."),
-    ] = None,
-    data: Annotated[
-        str | None, typer.Option("--data", "-d", help="Evaluate on every row of this source instead: builtin:<task>, "
-                                                      "a .jsonl/.json/.parquet/.csv file, or a hub dataset.")
-    ] = None,
-    reward: Annotated[
-        list[str] | None,
-        typer.Option("--reward", help="With --data: reward name (repeatable; default exact_match).")
-    ] = None,
+    recipe: RecipeOpt = None,
+    data: DataOpt = None,
+    reward: RewardOpt = None,
     prompt_column: Annotated[str, typer.Option("--prompt-column", help="With --data: the problem column.")] = "prompt",
     answer_column: Annotated[str, typer.Option("--answer-column", help="With --data: the reference answer column.")] = "answer",
     chat_template: ChatOpt = ChatTemplate.auto,
     system: SystemOpt = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate the first N problems only.")] = None,
-    k: Annotated[int | None, typer.Option("-k", min=1, help="Samples per problem for the @k metrics "
-                                                             "(default 4; 1 with --greedy).")] = None,
-    samples: Annotated[
-        int | None, typer.Option("--samples", "-n", min=1, help="Completions drawn per problem (>= k, default k); "
-                                                               "more samples make pass@k less noisy.")
-    ] = None,
+    k: KOpt = None,
+    samples: SamplesOpt = None,
     greedy: GreedyOpt = False,
-    temperature: Annotated[
-        float | None, typer.Option("--temperature", "-t", help="Sampling temperature (default: the recipe's, else 1.0).")
-    ] = None,
+    temperature: TemperatureOpt = None,
     top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", min=0, help="Top-k sampling (0: off).")] = None,
-    max_new_tokens: Annotated[
-        int | None, typer.Option("--max-new-tokens", "-m", min=1, help="Longest completion (default: the recipe's, else 256).")
-    ] = None,
+    max_new_tokens: MaxNewTokensOpt = None,
     stop: StopOpt = None,
     seed: SeedOpt = 0,
-    pass_threshold: Annotated[
-        float, typer.Option("--pass-threshold", help="Without a verifying reward: a sample is correct when its "
-                                                     "total reward reaches this.")
-    ] = 1.0,
-    backend: BackendOpt = BackendKind.cpu,
+    pass_threshold: PassThresholdOpt = 1.0,
+    backend: BackendOpt = "cpu",
     batch_size: BatchOpt = 8,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
-    dump: Annotated[Path | None, typer.Option("--dump", help="Write every sample (completion, answer, "
-                                                             "correctness, reward) as JSONL here.")] = None,
+    dump: DumpOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Sample everything again (the cache is rewritten).")] = False,
 ) -> None:
     """Score checkpoints on a dataset: mean@k, pass@k and maj@k with 95 % confidence intervals.
@@ -91,30 +111,9 @@ def eval_(
 
         apo eval smollm2-135m-instruct --data problems.jsonl --reward math_verify --greedy --dump samples.jsonl
     """
-    from apo_cli.errors import UsageError
-    from apo_cli.evaluation import (
-        EvalSettings,
-        append_run_record,
-        dump_samples,
-        evaluate,
-        expand_models,
-        record,
-        task_from_recipe,
-        task_from_source,
-    )
-    from apo_cli.generation import progress, unescape
+    from apo_cli.evaluation import dump_samples, expand_models, task_from_recipe, task_from_source
 
-    if recipe is not None and data is not None:
-        raise UsageError("give --recipe or --data, not both")
-    if reward and data is None:
-        raise UsageError("--reward goes with --data (a recipe brings its own rewards)")
-    k = k or (1 if greedy else 4)
-    if greedy and k > 1:
-        raise UsageError(f"--greedy gives one completion per problem; -k {k} needs sampling")
-    n = samples or k
-    if n < k:
-        raise UsageError(f"--samples {n} is fewer than -k {k}")
-
+    k, n = _counts(k, samples, greedy, recipe is not None, data is not None, bool(reward))
     resolved = expand_models(list(models), base=base)
     r, recipe_path = _recipe(recipe, data, resolved)
     if data is not None:
@@ -123,9 +122,46 @@ def eval_(
                                 limit=limit)
     else:
         task = task_from_recipe(r, recipe_path, limit)
+    settings = _settings(r, k=k, samples=n, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
+                         max_new_tokens=max_new_tokens, stop=stop, seed=seed, batch_size=batch_size,
+                         pass_threshold=pass_threshold)
+    results, records = _evaluate_all(resolved, task, settings, backend, use_cache=not no_cache)
+    if dump is not None:
+        dump_samples(dump, results)
+    if as_json:
+        typer.echo(json.dumps(records, indent=1))
+    else:
+        _table(records, task.label, settings)
+
+
+def _counts(k: int | None, samples: int | None, greedy: bool, has_recipe: bool, has_data: bool,
+            has_reward: bool) -> tuple[int, int]:
+    """``(k, n)``: samples scored per problem and drawn per problem, after the option rules."""
+    from apo_cli.errors import UsageError
+
+    if has_recipe and has_data:
+        raise UsageError("give --recipe or --data, not both")
+    if has_reward and not has_data:
+        raise UsageError("--reward goes with --data (a recipe brings its own rewards)")
+    k = k or (1 if greedy else 4)
+    if greedy and k > 1:
+        raise UsageError(f"--greedy gives one completion per problem; -k {k} needs sampling")
+    n = samples or k
+    if n < k:
+        raise UsageError(f"--samples {n} is fewer than -k {k}")
+    return k, n
+
+
+def _settings(r, *, k: int, samples: int, greedy: bool, temperature, top_p, top_k, max_new_tokens, stop, seed: int,
+              batch_size: int, pass_threshold: float):
+    """The sampling settings: each option, else the recipe's rollout value, else the default."""
+    from apo_cli.errors import UsageError
+    from apo_cli.evaluation import EvalSettings
+    from apo_cli.generation import unescape
+
     ro = r.rollout if r is not None else None
     settings = EvalSettings(
-        k=k, samples=n, greedy=greedy,
+        k=k, samples=samples, greedy=greedy,
         temperature=temperature if temperature is not None else (ro.temperature if ro else 1.0),
         top_p=top_p if top_p is not None else (ro.top_p if ro else 1.0),
         top_k=top_k if top_k is not None else (ro.top_k if ro else 0),
@@ -135,24 +171,26 @@ def eval_(
     )
     if not greedy and settings.temperature <= 0:
         raise UsageError("--temperature must be > 0 (use --greedy for deterministic decoding)")
+    return settings
+
+
+def _evaluate_all(resolved, task, settings, backend: str, *, use_cache: bool):
+    """Evaluate each model under one progress bar; each run's checkpoints also land in its eval.jsonl."""
+    from apo_cli.evaluation import append_run_record, evaluate, record
+    from apo_cli.generation import progress
 
     results, records = [], []
     bar, task_id = progress(len(task.examples) * len(resolved), "evaluating")
     with bar:
         for m in resolved:
             bar.update(task_id, description=f"evaluating {m.label}")
-            res = evaluate(m, task, settings, backend=backend.value, use_cache=not no_cache,
+            res = evaluate(m, task, settings, backend=backend, use_cache=use_cache,
                            advance=lambda c: bar.advance(task_id, c))
             rec = record(res, task, settings)
             append_run_record(res, rec)
             results.append(res)
             records.append(rec)
-    if dump is not None:
-        dump_samples(dump, results)
-    if as_json:
-        typer.echo(json.dumps(records, indent=1))
-    else:
-        _table(records, task.label, settings)
+    return results, records
 
 
 def _recipe(recipe: Path | None, data: str | None, resolved):

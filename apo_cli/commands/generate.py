@@ -11,9 +11,19 @@ import typer
 from apo_cli.commands._common import guarded
 
 
-class BackendKind(str, Enum):
-    cpu = "cpu"
-    gpu = "gpu"
+def backend_kind(value: str) -> str:
+    """``--backend``: a registered backend (built-in, or from the ``apo.backends`` entry points)."""
+    from backends import BACKENDS
+
+    if value not in BACKENDS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(repr(n) for n in BACKENDS.ordered())}.")
+    return value
+
+
+def _backend_metavar() -> str:
+    from backends import BACKENDS
+
+    return f"<{'|'.join(BACKENDS.builtins())}>"  # the built-ins: help must not depend on the plugins installed
 
 
 class ChatTemplate(str, Enum):
@@ -38,7 +48,10 @@ StopOpt = Annotated[
 ]
 GreedyOpt = Annotated[bool, typer.Option("--greedy", help="Greedy decoding (ignores temperature, top-p, top-k).")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Sampling seed: the same seed gives the same completions.")]
-BackendOpt = Annotated[BackendKind, typer.Option("--backend", help="Where the model runs.")]
+BackendOpt = Annotated[
+    str, typer.Option("--backend", parser=backend_kind, metavar=_backend_metavar(),
+                      help="Where the model runs.")
+]
 ChatOpt = Annotated[
     ChatTemplate, typer.Option("--chat-template", help="Use the tokenizer's chat template (auto: when it has one).")
 ]
@@ -46,15 +59,24 @@ SystemOpt = Annotated[str | None, typer.Option("--system", help="System message 
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Prompts sampled together.")]
 
 
+PromptsFileOpt = Annotated[
+    Path | None,
+    typer.Option("--prompts-file", "-f", help="Text file with one prompt per line, or .jsonl with a 'prompt' "
+                                              "field; '-' reads stdin."),
+]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSONL records here instead of stdout.")]
+StreamOpt = Annotated[
+    bool | None,
+    typer.Option("--stream/--no-stream",
+                 help="Print the completion as it is generated (default: for one prompt, -n 1, on a terminal)."),
+]
+
+
 @guarded
 def generate(
     model: ModelArg,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
-    prompts_file: Annotated[
-        Path | None,
-        typer.Option("--prompts-file", "-f", help="Text file with one prompt per line, or .jsonl with a 'prompt' "
-                                                  "field; '-' reads stdin."),
-    ] = None,
+    prompts_file: PromptsFileOpt = None,
     n: Annotated[int, typer.Option("-n", min=1, help="Completions per prompt.")] = 1,
     temperature: TemperatureOpt = 1.0,
     top_p: TopPOpt = 1.0,
@@ -65,16 +87,10 @@ def generate(
     seed: SeedOpt = 0,
     chat_template: ChatOpt = ChatTemplate.auto,
     system: SystemOpt = None,
-    backend: BackendOpt = BackendKind.cpu,
+    backend: BackendOpt = "cpu",
     batch_size: BatchOpt = 8,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the JSONL records here instead of stdout.")
-    ] = None,
-    stream: Annotated[
-        bool | None,
-        typer.Option("--stream/--no-stream",
-                     help="Print the completion as it is generated (default: for one prompt, -n 1, on a terminal)."),
-    ] = None,
+    output: OutputOpt = None,
+    stream: StreamOpt = None,
 ) -> None:
     """Sample completions from a checkpoint, a run, a hub id or a built-in model.
 
@@ -92,22 +108,12 @@ def generate(
         echo "2 + 2 =" | apo generate tiny-random --greedy --max-new-tokens 8 --stop "\\n"
     """
     from apo_cli.errors import UsageError
-    from apo_cli.generation import Sampler, batch_seed, chunks, progress, read_prompts, resolve_model, unescape
+    from apo_cli.generation import Sampler, batch_seed, resolve_model, unescape
     from backends import SamplingParams
 
-    if prompt and prompts_file is not None:
-        raise UsageError("give prompts with --prompt or --prompts-file, not both")
-    if prompt:
-        texts = list(prompt)
-    elif prompts_file is not None:
-        texts = read_prompts(prompts_file)
-    elif sys.stdin is None or sys.stdin.isatty():
-        raise UsageError("no prompts: give --prompt, --prompts-file, or pipe prompts on stdin")
-    else:
-        texts = read_prompts("-")
+    texts = _prompt_texts(prompt, prompts_file)
     if not greedy and temperature <= 0:
         raise UsageError("--temperature must be > 0 (use --greedy for deterministic decoding)")
-
     resolved = resolve_model(model)
     interactive = output is None and sys.stdout.isatty()
     if stream is None:
@@ -115,7 +121,12 @@ def generate(
     elif stream and (len(texts) != 1 or n != 1):
         raise UsageError("--stream needs exactly one prompt and -n 1")
 
-    sampler = Sampler(resolved, backend.value, chat_template=chat_template.value, system=system)
+    def params_for(b: int) -> SamplingParams:
+        return SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, stop=tuple(unescape(x) for x in stop or ()), seed=batch_seed(seed, b),
+                              greedy=greedy)
+
+    sampler = Sampler(resolved, backend, chat_template=chat_template.value, system=system)
     sink = output.open("w", encoding="utf-8") if output is not None else None
     try:
         def emit(rec: dict) -> None:
@@ -126,11 +137,6 @@ def generate(
             elif not stream:
                 typer.echo(line)
 
-        def params_for(b: int) -> SamplingParams:
-            return SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  top_k=top_k, stop=tuple(unescape(x) for x in stop or ()), seed=batch_seed(seed, b),
-                                  greedy=greedy)
-
         ids = sampler.encode([sampler.render(t) for t in texts], max_new_tokens)
         if stream:
             s = sampler.stream_one(ids[0], params_for(0), lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
@@ -138,19 +144,43 @@ def generate(
             sys.stdout.flush()
             typer.echo(f"[{s.finish_reason}, {len(s.ids)} tokens]", err=True)
             emit(_record(texts[0], s))
-            return
-        bar, task = progress(len(texts) * n, f"generating with {resolved.label}",
-                             enabled=len(texts) > batch_size or len(texts) * n > 32)
-        with bar:
-            for b, part in chunks(list(range(len(texts))), batch_size):
-                for group in sampler.sample_ids([ids[i] for i in part], params_for(b)):
-                    for s in group:
-                        emit(_record(texts[part[s.prompt_index]], s, part[s.prompt_index]))
-                    bar.advance(task, len(group))
+        else:
+            _sample_all(sampler, texts, ids, params_for, emit, batch_size, n, resolved.label)
     finally:
         sampler.close()
         if sink is not None:
             sink.close()
+
+
+def _prompt_texts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
+    """The prompts of --prompt, --prompts-file, or stdin."""
+    from apo_cli.errors import UsageError
+    from apo_cli.generation import read_prompts
+
+    if prompt and prompts_file is not None:
+        raise UsageError("give prompts with --prompt or --prompts-file, not both")
+    if prompt:
+        return list(prompt)
+    if prompts_file is not None:
+        return read_prompts(prompts_file)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("no prompts: give --prompt, --prompts-file, or pipe prompts on stdin")
+    return read_prompts("-")
+
+
+def _sample_all(sampler, texts: list[str], ids: list[list[int]], params_for, emit, batch_size: int, n: int,
+                label: str) -> None:
+    """Every prompt's ``n`` completions, ``batch_size`` prompts at a time, each record emitted as it comes."""
+    from apo_cli.generation import chunks, progress
+
+    bar, task = progress(len(texts) * n, f"generating with {label}",
+                         enabled=len(texts) > batch_size or len(texts) * n > 32)
+    with bar:
+        for b, part in chunks(list(range(len(texts))), batch_size):
+            for group in sampler.sample_ids([ids[i] for i in part], params_for(b)):
+                for s in group:
+                    emit(_record(texts[part[s.prompt_index]], s, part[s.prompt_index]))
+                bar.advance(task, len(group))
 
 
 def _record(prompt: str, s, index: int = 0) -> dict:

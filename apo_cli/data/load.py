@@ -24,7 +24,7 @@ from apo_cli.data.sources import read_rows, source_kind
 from apo_cli.errors import DataError
 
 if TYPE_CHECKING:
-    from apo_cli.recipe import DataSpec
+    from apo_cli.data.spec import DataSpec
 
 EVAL_SHUFFLE_SEED = 0
 

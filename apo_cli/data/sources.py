@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from apo_cli.errors import DataError
 
 if TYPE_CHECKING:
-    from apo_cli.recipe import DataSpec
+    from apo_cli.data.spec import DataSpec
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 BUILTIN_ALIASES = {"gsm": "gsm_symbolic"}

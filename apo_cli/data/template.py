@@ -16,7 +16,7 @@ from apo_cli.data.example import Example
 from apo_cli.errors import DataError
 
 if TYPE_CHECKING:
-    from apo_cli.recipe import DataSpec
+    from apo_cli.data.spec import DataSpec
 
 
 def _tokenizer_name(tokenizer: Any) -> str:

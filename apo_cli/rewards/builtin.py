@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from apo_cli.errors import RewardError
+from apo_cli.registry import Registry
 from apo_cli.rewards.extract import answers_equal, extract_answer, extract_gold, ngram_repetition
 
 
@@ -256,12 +257,20 @@ def reasoning_gym(completions: list[str], answer: list[Any] | None = None, promp
     return Scores(values, [None if v is None else v >= 1.0 for v in values])
 
 
-BUILTINS: dict[str, Callable[..., Scores]] = {
-    "math_verify": math_verify,
-    "exact_match": exact_match,
-    "format": format_reward,
-    "repetition": repetition,
-    "length": length,
-    "reference": reference,
-    "reasoning_gym": reasoning_gym,
-}
+REWARDS: Registry[Callable[..., Scores]] = Registry("reward", group="apo.rewards")
+"""Rewards by the name a recipe gives them (``rewards: [{name: exact_match}]``): the built-ins below,
+and those a third-party package names in the ``apo.rewards`` entry-point group (``myreward =
+"my_pkg.rewards:score"``, imported only when a recipe uses it). ``module:function`` and
+``file.py:function`` names are not registered: :func:`apo_cli.rewards.loading.load_reward` imports them."""
+
+for _name, _fn in (
+    ("math_verify", math_verify),
+    ("exact_match", exact_match),
+    ("format", format_reward),
+    ("repetition", repetition),
+    ("length", length),
+    ("reference", reference),
+    ("reasoning_gym", reasoning_gym),
+):
+    REWARDS.add(_name, _fn)
+del _name, _fn

@@ -1,4 +1,5 @@
-"""Resolving a reward name from the recipe to a callable: a built-in, ``module:function`` or ``file.py:function``.
+"""Resolving a reward name from the recipe to a callable: a registered name (:data:`REWARDS`: the
+built-ins and the ``apo.rewards`` entry points), ``module:function`` or ``file.py:function``.
 
 Custom code is imported only from what the recipe names, and every way that can fail (no such module,
 file or function; the module raising on import; something that is not callable) becomes a one-line
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from apo_cli.errors import RewardError
-from apo_cli.rewards.builtin import BUILTINS
+from apo_cli.rewards.builtin import REWARDS
 
 
 def _one_line(e: BaseException) -> str:
@@ -59,12 +60,15 @@ def _load_module(name: str, target: str) -> object:
 
 def load_reward(name: str) -> Callable:
     """The callable for a recipe reward name: built-in, ``module:function`` or ``path/file.py:function``."""
-    if name in BUILTINS:
-        return BUILTINS[name]
+    if name in REWARDS:
+        try:
+            return REWARDS.get(name)
+        except Exception as e:  # noqa: BLE001 - a plugin's module may raise anything on import
+            raise RewardError(f"reward {name!r}: importing it failed: {_one_line(e)}") from None
     where, sep, func = name.rpartition(":")
     if not sep or not where or not func:
         raise RewardError(
-            f"unknown reward {name!r}; built-ins: {', '.join(sorted(BUILTINS))}, "
+            f"unknown reward {name!r}; built-ins: {', '.join(REWARDS.names())}, "
             "or give 'module:function' / 'path/to/file.py:function'"
         )
     module = _load_file(where, name) if where.endswith(".py") else _load_module(where, name)

@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from apo_cli.errors import RewardError
-from apo_cli.rewards.builtin import BUILTINS
+from apo_cli.rewards.builtin import REWARDS
 from apo_cli.rewards.loading import load_reward, metric_key
 
 if TYPE_CHECKING:
-    from apo_cli.recipe import RewardSpec
+    from apo_cli.rewards.spec import RewardSpec
 
 _RESERVED = ("prompts", "completions", "completion_ids", "answer")
 # counters that mean "this sample could not be judged because something is broken"
@@ -236,7 +236,7 @@ class RewardSet:
             seen[key] += 1
             if seen[key] > 1:
                 key = f"{key}_{seen[key]}"
-            builtin = spec.name in BUILTINS
+            builtin = spec.name in REWARDS.builtins()  # plugins' rewards are called like custom ones
             if builtin:
                 _check_kwargs(key, fn, spec.kwargs)
             self._rewards.append(_Bound(

@@ -17,7 +17,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,13 +25,15 @@ from apo_cli.algo.objectives import get_objective
 from apo_cli.algo.schedules import TauSchedule, make_alpha_schedule
 from apo_cli.checkpoint import check_run_dir, verify_checkpoint
 from apo_cli.errors import ApoError, BackendError, DataError, RunDirError, UsageError
-from apo_cli.recipe import Recipe
 from apo_cli.runtime.fsdp import check_shardable, is_sharded, shard
 from apo_cli.runtime.world import World
 from apo_cli.sampling import prompt_limit
 from apo_cli.train.policy import Policy
 from apo_cli.train.state import DataOrder, TrainState
 from backends import create_backend
+
+if TYPE_CHECKING:
+    from apo_cli.recipe import Recipe
 
 
 @dataclass

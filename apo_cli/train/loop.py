@@ -50,7 +50,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,7 +61,6 @@ from apo_cli.checkpoint import RunLock, latest_good_checkpoint
 from apo_cli.dashboard import make_dashboard
 from apo_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, TrainingError
 from apo_cli.metrics import MetricsWriter
-from apo_cli.recipe import Recipe
 from apo_cli.runtime.fsdp import clip_grad_norm
 from apo_cli.runtime.world import shared
 from apo_cli.sampling import encode_prompts, sample_and_score
@@ -69,6 +68,9 @@ from apo_cli.train import session, state
 from apo_cli.train.build import build
 from apo_cli.train.policy import Anchors
 from backends import SamplingParams
+
+if TYPE_CHECKING:
+    from apo_cli.recipe import Recipe
 
 
 @dataclass

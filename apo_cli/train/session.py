@@ -21,7 +21,7 @@ from typing import Any
 from apo_cli.checkpoint import atomic_write_text, latest_good_checkpoint, remove_stale_temp
 from apo_cli.errors import EXIT_TERMINATED, ApoError, Interrupted, RunDirError
 from apo_cli.metrics import truncate_jsonl_after
-from apo_cli.recipe import recipe_to_yaml
+from apo_cli.recipe_yaml import recipe_to_yaml
 
 
 class StopFlag:

@@ -1,7 +1,7 @@
 """GPU backend: the policy trains with PyTorch on CUDA; rollouts come from a vLLM engine colocated
 with it (same process, same GPU), or from transformers ``generate`` on the same GPU.
 
-Chosen with ``backend: {kind: gpu}``; its knobs are ``GPUBackendSpec`` (apo_cli/recipe.py). One step:
+Chosen with ``backend: {kind: gpu}``; its knobs are ``GPUBackendSpec`` (backends/gpu_options.py). One step:
 
 1. ``generate``: the engine wakes, samples G completions per prompt with the log-prob of each
    sampled token, and goes back to sleep (``sleep(level=1)``: weights offloaded to CPU memory, KV
