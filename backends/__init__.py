@@ -149,6 +149,19 @@ def load_backend_class(name: str) -> type:
     return entry.load() if isinstance(entry, BackendRef) else entry
 
 
+# what a backend object must have from its construction on (``device`` may come with ``setup``)
+REQUIRED_MEMBERS = ("name", "supports_torchrun", "join", "setup", "autocast", "generate", "sync_weights", "close")
+
+
 def create_backend(spec: Any) -> Backend:
-    """Instantiate the backend chosen by a recipe's ``backend`` section."""
-    return load_backend_class(spec.kind)(spec)
+    """Instantiate the backend chosen by a recipe's ``backend`` section; a BackendError naming what
+    is missing when the object does not implement the :class:`Backend` protocol."""
+    from apo_cli.errors import BackendError
+
+    cls = load_backend_class(spec.kind)
+    backend = cls(spec)
+    missing = [m for m in REQUIRED_MEMBERS if not hasattr(backend, m)]
+    if missing:
+        raise BackendError(f"backend {spec.kind!r} ({getattr(cls, '__qualname__', cls)}) lacks {', '.join(missing)} "
+                           "of the Backend protocol; subclass backends.base.BackendBase for the defaults")
+    return backend

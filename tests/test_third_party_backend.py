@@ -128,3 +128,31 @@ def test_a_cpu_recipe_imports_neither_the_gpu_backend_nor_the_plugin(tmp_path):
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
     assert "mybackend" not in BACKENDS  # no plugin outside the fixture
+
+
+def test_a_backend_missing_protocol_members_is_one_line_naming_them(tmp_path, monkeypatch, cli):
+    """A class that does not implement the Backend protocol fails when created, before any model loads."""
+    install_plugin(monkeypatch, tmp_path / "site", {"halfpkg_mod": """
+        class HalfBackend:
+            name = "half"
+
+            def __init__(self, spec):
+                self.spec = spec
+
+            def setup(self, model, tokenizer):
+                return model
+
+            def generate(self, prompts, params, *, streamer=None):
+                return []
+    """}, {"apo.backends": {"half": "halfpkg_mod:HalfBackend"}}, dist="halfpkg")
+    try:
+        path = write_recipe(tmp_path, tiny_recipe(tmp_path, backend={"kind": "half"}))
+        result = cli("train", str(path))
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        errors = [x for x in result.output.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1, result.output
+        for member in ("supports_torchrun", "join", "autocast", "sync_weights", "close"):
+            assert member in errors[0]
+        assert "backends.base.BackendBase" in errors[0]
+    finally:
+        uninstall_plugin(["halfpkg_mod"])
