@@ -381,6 +381,14 @@ SAFE_TO_CHANGE = (
     "checkpoint.keep_last",
     "checkpoint.resume",
     "logging.tensorboard",
+    "logging.report_to",
+    "logging.project",
+    "eval.every",
+    "eval.k",
+    "eval.limit",
+    "eval.temperature",
+    "eval.max_new_tokens",
+    "eval.split",
     "logging.dashboard",
     "logging.samples_per_step",
     "backend.threads",
@@ -434,8 +442,12 @@ def check_run_dir(run_dir: Path, recipe_dump: dict[str, Any], *, resume: bool, a
         )
 
 
+# whole sections that may appear on resume (a run started before the section existed): every field safe
+SAFE_SECTIONS = ("eval",)
+
+
 def _safe(path: str) -> bool:
-    return path in SAFE_TO_CHANGE
+    return path in SAFE_TO_CHANGE or path in SAFE_SECTIONS
 
 
 def atomic_write_text(path: Path, text: str) -> None:

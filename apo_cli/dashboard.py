@@ -74,9 +74,13 @@ class PlainDashboard:
             f"len {_fmt(m.get('completions/mean_length'), 1)}",
             f"{_fmt(m.get('step_time'), 1)}s",
         ]
+        if m.get("perf/mfu") is not None:
+            parts.append(f"mfu {_pct(m['perf/mfu'])}")
         if m.get("skipped_steps"):
             parts.append(f"skipped {m['skipped_steps']}")
         self.console.print("  ".join(parts), markup=False)
+        if evals := eval_line(m):
+            self.console.print(evals, markup=False)
 
 
 class RichDashboard:
@@ -87,6 +91,7 @@ class RichDashboard:
         self.console = console or Console()
         self.history: dict[str, deque] = {k: deque(maxlen=200) for k in ("reward", "confidence", "alpha", "tau")}
         self.metrics: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] = {}  # the row of the latest evaluation
         self.samples: list[dict[str, Any]] = []
         self.notes: deque[Text] = deque(maxlen=4)
         self.progress = Progress(
@@ -115,6 +120,8 @@ class RichDashboard:
 
     def update(self, m: dict[str, Any], samples: list[dict[str, Any]]) -> None:
         self.metrics = m
+        if "time/eval" in m:
+            self.last_eval = m
         for k in self.history:
             self.history[k].append(m.get(k))
         if samples:
@@ -150,6 +157,10 @@ class RichDashboard:
             ("lr", _fmt(m.get("learning_rate"))),
             ("step time", f"{_fmt(m.get('step_time'), 1)} s"),
             ("tokens/s", _fmt(m.get("tokens_per_s"), 0)),
+            ("train tok/s", _fmt(_sum(m, "perf/train/prompt_tokens_per_s", "perf/train/completion_tokens_per_s"), 0)),
+            ("gen tok/s", _fmt(m.get("perf/rollout/completion_tokens_per_s"), 0)),
+            ("MFU", _pct(m.get("perf/mfu"))),
+            ("eval time", f"{_fmt(self.last_eval.get('time/eval'), 1)} s"),
         ]
         for i in range(0, len(cells), 4):
             row = []
@@ -157,6 +168,8 @@ class RichDashboard:
                 row += [k, v]
             table.add_row(*row)
         parts: list[Any] = [self.progress, curves, table]
+        if evals := eval_line(self.last_eval):
+            parts.append(Text(evals, style="bold"))
         if (m.get("completions/clipped_ratio") or 0) > 0.3:
             parts.append(Text("⚠ over 30% of completions hit max_new_tokens: raise rollout.max_new_tokens", style="yellow"))
         if self.samples:
@@ -169,6 +182,28 @@ class RichDashboard:
             parts.append(s)
         parts.extend(self.notes)
         return Panel(Group(*parts), title=f"[bold]apo[/bold] · {self.title}", border_style="blue")
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None else f"{100 * v:.2f} %"
+
+
+def _sum(m: dict[str, Any], *keys: str) -> float | None:
+    vals = [m.get(k) for k in keys]
+    return None if any(v is None for v in vals) else sum(vals)
+
+
+def eval_line(m: dict[str, Any]) -> str:
+    """``eval @ step 10: mean@4 0.412 ±0.05  pass@4 ...`` for a row holding an evaluation, else ''."""
+    names = [k for k in m if k.startswith("eval/") and not k.endswith(("/ci_low", "/ci_high"))]
+    if not names:
+        return ""
+    cells = []
+    for k in names:
+        lo, hi = m.get(f"{k}/ci_low"), m.get(f"{k}/ci_high")
+        half = f" ±{(hi - lo) / 2:.3f}" if lo is not None and hi is not None else ""
+        cells.append(f"{k.removeprefix('eval/')} {_fmt(m[k])}{half}")
+    return f"eval @ step {m.get('step')}: " + "  ".join(cells) + f"  ({_fmt(m.get('time/eval'), 1)} s)"
 
 
 def _one_line(text: str) -> str:

@@ -25,6 +25,12 @@ model (path and checkpoint checksums), the dataset (source, columns, every probl
 reference, rewards) and the sampling settings. A rerun with the same key reuses the finished chunks
 and samples only the rest, so an interrupted evaluation gives, when resumed, exactly what an
 uninterrupted one would.
+
+**During training** (recipe section ``eval``, apo_cli/train/evaluate.py) the same chunks are sampled
+and scored by :func:`sample_problems` with the policy being trained, on the training backend; the
+records go to the run's eval.jsonl with ``"source": "train"`` (no cache: a step whose evaluation was
+killed is redone after ``--resume``, and :func:`drop_training_evals_after` removes the records of the
+steps to redo, so each step's record is written once).
 """
 
 from __future__ import annotations
@@ -270,6 +276,15 @@ def evaluate(model: ResolvedModel, task: EvalTask, settings: EvalSettings, *, ba
     return ModelResult(model, key, [done[p] for p in positions], cached)
 
 
+def sample_problems(sampler: Any, rewards: Any, task: EvalTask, settings: EvalSettings) -> list[ProblemResult]:
+    """Every problem of ``task``, chunk by chunk, sampled and scored with ``sampler`` (anything with
+    ``backend``, ``tok``, ``render`` and ``encode``, as :class:`~apo_cli.generation.Sampler`); no cache."""
+    out: list[ProblemResult] = []
+    for b, part in chunks(list(range(len(task.examples))), settings.batch_size):
+        out += _run_chunk(sampler, rewards, task, settings, b, part)
+    return out
+
+
 def _run_chunk(sampler: Sampler, rewards, task: EvalTask, settings: EvalSettings, b: int,
                part: list[int]) -> list[ProblemResult]:
     from apo_cli.rewards.extract import extract_answer
@@ -341,6 +356,40 @@ def append_run_record(res: ModelResult, rec: dict[str, Any]) -> Path | None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
     return path
+
+
+TRAINING = "train"  # the "source" of the records written by evaluation during training
+
+
+def append_training_record(run_dir: Path, rec: dict[str, Any]) -> Path:
+    """Append an evaluation-during-training record to the run's eval.jsonl (once per step)."""
+    from apo_cli.errors import RunDirError
+
+    path = Path(run_dir) / EVAL_FILE
+    rec = {**rec, "source": TRAINING}
+    if any(r.get("source") == TRAINING and r.get("step") == rec["step"] for r in read_run_evals(run_dir)):
+        return path
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+    except OSError as e:
+        raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def drop_training_evals_after(run_dir: Path, step: int) -> None:
+    """Remove the evaluation-during-training records of steps after ``step`` (redone after a resume);
+    the records `apo eval` wrote stay."""
+    from apo_cli.checkpoint import atomic_write_text
+
+    path = Path(run_dir) / EVAL_FILE
+    if not path.is_file():
+        return
+    recs = read_run_evals(run_dir)
+    kept = [r for r in recs if r.get("source") != TRAINING or not isinstance(r.get("step"), int) or r["step"] <= step]
+    if len(kept) != len(recs):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def dump_samples(path: Path, all_results: list[ModelResult]) -> None:
@@ -447,7 +496,8 @@ def task_from_source(source: str, rewards: list[str], *, prompt_column: str = "p
 
     from apo_cli.data import load_examples
     from apo_cli.errors import UsageError
-    from apo_cli.recipe import DataSpec, RewardSpec
+    from apo_cli.data.spec import DataSpec
+    from apo_cli.rewards.spec import RewardSpec
 
     try:
         spec = DataSpec(source=source, prompt_column=prompt_column, answer_column=answer_column, shuffle=False,

@@ -234,7 +234,7 @@ class Sampler:
                  system: str | None = None):
         from apo_cli.data import uses_chat_template
         from apo_cli.models import context_length, load_model, load_tokenizer, quiet_transformers
-        from apo_cli.recipe import DataSpec
+        from apo_cli.data.spec import DataSpec
 
         quiet_transformers()
         self.resolved = model

@@ -1,4 +1,5 @@
-"""Per-step metrics: JSON lines on disk, optional TensorBoard, and readers for other commands."""
+"""Per-step metrics: JSON lines on disk, and readers for other commands (the trackers, TensorBoard
+included, are apo_cli/tracking/)."""
 
 from __future__ import annotations
 
@@ -23,19 +24,9 @@ def _clean(value: Any) -> Any:
 class MetricsWriter:
     """Appends one JSON object per step; flushed and fsynced so a kill loses at most the current line."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path):
         self.path = Path(path)
         self._fh: TextIO | None = None
-        self._tb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(tensorboard_dir))
-            except ImportError:
-                from apo_cli.errors import UsageError
-
-                raise UsageError("logging.tensorboard needs the tensorboard package (pip install tensorboard)") from None
 
     def truncate_after(self, step: int) -> None:
         """Drop lines of steps > ``step`` (they are redone after a resume)."""
@@ -51,18 +42,11 @@ class MetricsWriter:
             os.fsync(self._fh.fileno())
         except OSError as e:
             raise RunDirError(f"cannot write {self.path}: {e.strerror or e}") from None
-        if self._tb is not None:
-            step = int(record.get("step", 0))
-            for k, v in clean.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        if self._tb is not None:
-            self._tb.close()
 
 
 def truncate_jsonl_after(path: Path, step: int) -> None:

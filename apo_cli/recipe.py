@@ -43,6 +43,7 @@ from apo_cli.algo.spec import (
     AlphaScheduleSpec,
     objective_names,
     objective_params,
+    switched_unused,
     unused_param_problems,
 )
 from apo_cli.data.spec import DataSpec
@@ -51,7 +52,7 @@ from apo_cli.model_spec import LoraSpec, ModelSpec
 from apo_cli.recipe_yaml import Loc, Positions, dotted, parse_yaml, recipe_to_yaml
 from apo_cli.rewards.spec import RewardSpec, check_rewards, reward_names
 from apo_cli.spec import Section
-from apo_cli.train.spec import CheckpointSpec, LoggingSpec, OptimSpec, RolloutSpec, RunSpec
+from apo_cli.train.spec import CheckpointSpec, EvalSpec, LoggingSpec, OptimSpec, RolloutSpec, RunSpec
 from backends import BACKENDS
 from backends.cpu_options import CPUBackendSpec
 from backends.gpu_options import GPUBackendSpec
@@ -59,7 +60,7 @@ from backends.options import BackendOptions, backend_options, builtin_backend_op
 
 __all__ = [
     "AdaptiveTauSpec", "AlgorithmSpec", "AlphaScheduleSpec", "BackendOptions", "CPUBackendSpec", "CheckpointSpec",
-    "DataSpec", "GPUBackendSpec", "LoggingSpec", "LoraSpec", "ModelSpec", "OptimSpec", "Recipe", "RewardSpec",
+    "DataSpec", "EvalSpec", "GPUBackendSpec", "LoggingSpec", "LoraSpec", "ModelSpec", "OptimSpec", "Recipe", "RewardSpec",
     "RolloutSpec", "RunSpec", "Section", "apply_overrides", "cross_field_problems", "json_schema", "load_recipe",
     "objective_names", "objective_params", "parse_yaml", "recipe_from_dict", "recipe_to_yaml", "reward_names",
     "with_values",
@@ -85,6 +86,7 @@ class Recipe(Section):
     optim: OptimSpec = Field(default_factory=OptimSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     # the options model of the chosen kind (backends.options); dumped with its own fields
     backend: SerializeAsAny[BackendOptions] = Field(default_factory=CPUBackendSpec)
 
@@ -129,7 +131,24 @@ def cross_field_problems(r: Recipe) -> list[tuple[tuple[str, ...], str]]:
                     f"micro-batches must tile a mini-batch: {p // mb} prompts × {g} completions = {(p // mb) * g} "
                     f"sequences is not divisible by optim.micro_batch_size={micro}"))
     out += unused_param_problems(r.algorithm)
+    out += _eval_problems(r)
     return out
+
+
+def _eval_problems(r: Recipe) -> list[tuple[tuple[str, ...], str]]:
+    """Evaluation during training needs held-out problems with reference answers."""
+    from apo_cli.data.sources import source_kind
+
+    e, d = r.eval, r.data
+    if e.split is not None and source_kind(d.source) != "hub":
+        return [(("eval", "split"), f"eval.split={e.split!r} names a split of a hub dataset; {d.source} has none "
+                                    "(hold problems out with data.eval_fraction)")]
+    if e.every and e.split is None and d.eval_split is None and d.eval_fraction == 0:
+        return [(("eval", "every"), f"eval.every={e.every} needs held-out problems: set data.eval_fraction (or "
+                                    "data.eval_split / eval.split for a hub dataset)")]
+    if e.every and d.answer_column is None:
+        return [(("eval", "every"), "eval.every needs a reference answer per problem: set data.answer_column")]
+    return []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,14 +370,15 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", positions: 
     except RecursionError:
         raise RecipeError(source, ["recipe: recursive structure (a YAML alias that contains itself)"]) from None
     rules = cross_field_problems(recipe)
-    if ("algorithm", "objective") in overridden:
-        # the objective was switched on the command line (e.g. to compare GRPO with a recipe's APO):
-        # the recipe's settings for the other objective are ignored, with a warning, not an error
-        unused = [(loc, msg) for loc, msg in rules if msg.startswith(f"algorithm.{loc[-1]} is set but objective")]
-        rules = [r for r in rules if r not in unused]
-        if not rules:
-            for text in _place(unused, positions, {}):
-                _warn(f"{source}: {text.replace('is set but', 'is ignored:')} (objective switched by an override)")
+    # a switch (the objective, alpha.kind, adaptive_tau.enabled) set on the command line, e.g. to compare
+    # GRPO with a recipe's APO: the recipe's settings the new choice does not read are ignored, with a
+    # warning, not an error
+    unused = switched_unused(recipe.algorithm, rules, overridden)
+    rules = [r for r in rules if r not in unused]
+    if not rules:
+        for problem, what in unused.items():
+            for text in _place([problem], positions, {}):
+                _warn(f"{source}: {text.replace('is set but', 'is ignored:')} ({what} switched by an override)")
     if rules:
         raise RecipeError(source, _place(rules, positions, overridden))
     return recipe

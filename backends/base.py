@@ -8,7 +8,9 @@ A third-party backend subclasses it, sets ``name`` and implements ``setup`` and 
 - ``supports_torchrun = False`` and ``join()``: nothing to join;
 - ``autocast()``: no autocast (a ``nullcontext``);
 - ``sync_weights()``: nothing to push, 0.0 seconds;
-- ``close()``: nothing to release.
+- ``close()``: nothing to release;
+- ``peak_flops()`` (not part of the Protocol: asked for when present): None, the peak is unknown and
+  ``perf/mfu`` is not logged.
 
 Importing this module does not import torch (``device`` is built on first read).
 """
@@ -69,3 +71,7 @@ class BackendBase(abc.ABC):
 
     def close(self) -> None:
         """Nothing to release."""
+
+    def peak_flops(self) -> tuple[float, str] | None:
+        """(FLOP/s of one device, where the figure comes from) for ``perf/mfu``; None: unknown."""
+        return None

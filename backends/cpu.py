@@ -12,7 +12,9 @@ Nothing here imports vLLM or CUDA; the GPU backend's ``rollout: hf`` runs the sa
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import time
 from typing import Any
 
 import torch
@@ -83,3 +85,28 @@ class CPUBackend:
         self._sampler = None
         if self.world.distributed:
             destroy_process_group()
+
+    # -- beyond the Protocol ----------------------------------------------------------------------
+
+    def peak_flops(self) -> tuple[float, str]:
+        """FLOP/s of this process's threads in the compute dtype, from a short matmul calibration
+        (once per process, on its own generator: the global RNG is not drawn from)."""
+        dtype = self.autocast_dtype or torch.float32
+        return calibrate_matmul(torch.get_num_threads(), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def calibrate_matmul(threads: int, dtype: torch.dtype, n: int = 1024, budget_s: float = 0.25) -> tuple[float, str]:
+    """The best of a few n×n matmuls (at least 3, for about ``budget_s``), as (FLOP/s, description)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    torch.mm(a, b)  # warm-up
+    best, start, runs = 0.0, time.perf_counter(), 0
+    while runs < 3 or (time.perf_counter() - start < budget_s and runs < 50):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2.0 * n**3 / max(time.perf_counter() - t0, 1e-9))
+        runs += 1
+    name = str(dtype).removeprefix("torch.")
+    return best, f"CPU matmul calibration ({n}x{n} {name}, {threads} threads, best of {runs})"

@@ -47,7 +47,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "ADPO": {"objective": "adpo"},
     "GRPO": {"objective": "grpo"},
     "GSPO": {"objective": "gspo"},
+    # the z-loss forms (issue 15), in the off-policy regime where u moves (2 mini-batches per rollout;
+    # at u = 0 alone the centred form has no gradient): --methods "APO 2mb" "APO 2mb z ref" "APO 2mb z centred"
+    "APO 2mb": {"objective": "apo", "alpha": {"kind": "guarded"}, "mini_batches": 2},
+    "APO 2mb z ref": {"objective": "apo", "alpha": {"kind": "guarded"}, "mini_batches": 2,
+                      "z_loss_coef": 0.01, "z_loss_form": "reference"},
+    "APO 2mb z centred": {"objective": "apo", "alpha": {"kind": "guarded"}, "mini_batches": 2,
+                          "z_loss_coef": 0.01, "z_loss_form": "centred"},
 }
+DEFAULT_METHODS = ["APO guarded", "APO reward_conf", "ADPO", "GRPO", "GSPO"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,7 +107,9 @@ def recipe(method: str, seed: int, s: dict[str, Any], out_dir: Path, threads: in
         "rollout": {"group_size": s["group"], "prompts_per_step": s["prompts"],
                     "max_new_tokens": s["max_new_tokens"]},
         "algorithm": METHODS[method],
-        "optim": {"lr": s["lr"], "micro_batch_size": s["micro"]},
+        # micro-batches tile a mini-batch: at most the sequences of one (2 mini-batches: half a rollout)
+        "optim": {"lr": s["lr"], "micro_batch_size": min(s["micro"], s["prompts"] // METHODS[method].get(
+            "mini_batches", 1) * s["group"])},
         "checkpoint": {"every": s["steps"] + 1, "keep_last": 1},
         "logging": {"dashboard": "off", "samples_per_step": 0},
         "backend": {"kind": "cpu", "threads": threads},
@@ -196,7 +206,7 @@ def main() -> None:
     ap.add_argument("--scale", action="store_true", help="SmolLM2-135M-Instruct on arithmetic with exact match")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default 500; 30 with --scale)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS), metavar="METHOD",
                     help=f"subset of: {', '.join(METHODS)}")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)

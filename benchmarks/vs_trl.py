@@ -13,7 +13,9 @@ the same objective and sampling:
   ``per_device_train_batch_size``, TRL ``gradient_accumulation_steps`` = P·G/M (= its
   ``steps_per_generation``, so TRL generates all P·G completions at once and needs no old-log-prob
   pass, like apo).
-- objective: GRPO, token-level clipped ratio with eps 0.2/0.2, group-std-normalised advantages,
+- objective: GRPO, token-level clipped ratio with eps 0.2/0.2, group-std-normalised advantages
+  with the same epsilon added to the std (TRL's fixed 1e-4: apo ``advantage_eps: 1.0e-4``, whose
+  default is verl's 1e-6), dropout disabled on both sides (apo's default; TRL ``disable_dropout``),
   loss normalised by the tokens of the whole optimizer step (apo ``loss_aggregation: token_mean`` =
   TRL ``loss_type: "dapo"``), no KL (``beta=0`` / ``kl_coef: 0``), one iteration per rollout.
 - optimizer: AdamW, the same lr, betas (0.9, 0.999), no weight decay, constant schedule, no
@@ -53,6 +55,9 @@ from typing import Any
 
 SYSTEM = "Answer with the number only."
 SIDES = ("apo", "trl")
+# TRL divides centred rewards by (std + 1e-4), a constant of GRPOTrainer (not a GRPOConfig field):
+# apo is given the same value (algorithm.advantage_eps) so that both sides compute the same advantages
+TRL_ADVANTAGE_EPS = 1e-4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,7 +75,8 @@ def apo_recipe(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         "rollout": {"group_size": args.group, "prompts_per_step": args.prompts,
                     "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
         "algorithm": {"objective": "grpo", "loss_aggregation": "token_mean", "advantage_std": "group",
-                      "eps_low": 0.2, "eps_high": 0.2, "kl_coef": 0.0, "mini_batches": 1, "epochs": 1},
+                      "eps_low": 0.2, "eps_high": 0.2, "kl_coef": 0.0, "mini_batches": 1, "epochs": 1,
+                      "advantage_eps": TRL_ADVANTAGE_EPS, "disable_dropout": True},
         "optim": {"lr": args.lr, "betas": [0.9, 0.999], "weight_decay": 0.0, "warmup_steps": 0,
                   "scheduler": "constant", "grad_clip": 1.0, "micro_batch_size": args.micro},
         "checkpoint": {"every": 1_000_000, "keep_last": 1},
@@ -195,7 +201,7 @@ def run_trl(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         per_device_train_batch_size=args.micro, gradient_accumulation_steps=n // args.micro,
         num_generations=args.group, max_completion_length=args.max_new_tokens,
         temperature=1.0, top_p=1.0, top_k=0, beta=0.0, num_iterations=1, loss_type="dapo",
-        scale_rewards="group", epsilon=0.2, epsilon_high=0.2, mask_truncated_completions=False,
+        scale_rewards="group", epsilon=0.2, epsilon_high=0.2, mask_truncated_completions=False, disable_dropout=True,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0,
         shuffle_dataset=False, remove_unused_columns=False, dataloader_num_workers=0,

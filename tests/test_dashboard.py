@@ -57,3 +57,21 @@ def test_rich_dashboard_messages_after_the_panel_closes_are_printed():
         dash.update(_record(1), [])
     dash.message("done: 1 steps; final checkpoint runs/demo/checkpoints/step-1")
     assert "final checkpoint runs/demo/checkpoints/step-1" in out.getvalue()
+
+
+def test_dashboards_show_the_evaluation_and_mfu():
+    row = _record(2, **{"perf/mfu": 0.1234, "eval/mean@4": 0.5, "eval/mean@4/ci_low": 0.4,
+                        "eval/mean@4/ci_high": 0.6, "eval/pass@4": 0.75, "time/eval": 3.2})
+    out = io.StringIO()
+    dash = PlainDashboard("demo", 2, console=Console(file=out, width=200, color_system=None))
+    with dash:
+        dash.update(row, [])
+    text = out.getvalue()
+    assert "mfu 12.34 %" in text and "eval @ step 2: mean@4 0.500 ±0.100  pass@4 0.750" in text
+    out = io.StringIO()
+    rich = RichDashboard("demo", 3, console=Console(file=out, width=160, force_terminal=True, color_system=None))
+    with rich:
+        rich.update(row, [])
+        rich.update(_record(3), [])  # the latest evaluation stays on screen
+    text = out.getvalue()
+    assert "MFU" in text and "eval @ step 2: mean@4 0.500" in text

@@ -13,7 +13,7 @@ from apo_cli.recipe import recipe_from_dict
 from apo_cli.train import Trainer, train_from_recipe
 from tests.helpers import tiny_recipe
 
-TIMING_KEYS = ("time/", "step_time", "tokens_per_s")
+TIMING_KEYS = ("time/", "step_time", "tokens_per_s", "perf/")  # perf/: throughput and MFU, timings too
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -25,9 +25,11 @@ from apo_cli.algo.objectives import (
 from apo_cli.algo.schedules import (
     ALPHA_SCHEDULES,
     AlphaSchedule,
+    LossBatchSchedule,
     Signals,
     TauSchedule,
     compute_signals,
+    loss_batch_signals,
     make_alpha_schedule,
 )
 
@@ -37,6 +39,7 @@ __all__ = [
     "OBJECTIVES",
     "AlphaSchedule",
     "LossBatch",
+    "LossBatchSchedule",
     "LossContext",
     "ObjectiveInfo",
     "Signals",
@@ -50,6 +53,7 @@ __all__ = [
     "group_order",
     "group_target",
     "group_view",
+    "loss_batch_signals",
     "make_alpha_schedule",
     "make_objective",
     "masked_mean",

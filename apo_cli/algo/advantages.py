@@ -19,11 +19,14 @@ from torch import Tensor
 ADVANTAGE_STD_MODES = ("none", "group", "batch")
 
 
-def group_order(group_ids: Tensor) -> tuple[Tensor, int]:
+def group_order(group_ids: Tensor, group_size: int | None = None) -> tuple[Tensor, int]:
     """The stable permutation that sorts rows by group id, and the common group size G.
 
     Args:
         group_ids: [N] integer group ids; every group present must have the same number of rows.
+        group_size: the rollout's G, when known: every group id present must then have exactly G
+            rows. Without it G is inferred from the rows, which cannot tell two groups of 6 each cut
+            to 3 + 3 from whole groups of 3; the training loop always passes it.
 
     Returns:
         ``(order [N], G)`` such that ``x[order].view(N // G, G)`` is grouped ``[B, G]``.
@@ -32,8 +35,14 @@ def group_order(group_ids: Tensor) -> tuple[Tensor, int]:
     if ids.numel() == 0:
         raise ValueError("empty batch: no rows to group")
     order = torch.argsort(ids, stable=True)  # [N]
-    _, counts = torch.unique_consecutive(ids[order], return_counts=True)  # [B]
+    uniq, counts = torch.unique_consecutive(ids[order], return_counts=True)  # [B]
     sizes = counts.tolist()
+    if group_size is not None and (min(sizes) != group_size or max(sizes) != group_size):
+        cut = [(int(g), int(c)) for g, c in zip(uniq.tolist(), sizes) if c != group_size]
+        shown = ", ".join(f"group {g}: {c} rows" for g, c in cut[:4]) + (" ..." if len(cut) > 4 else "")
+        raise ValueError(
+            f"groups must be whole to take a group softmax: G = {group_size} rows per group, but {shown}"
+        )
     if min(sizes) != max(sizes):
         raise ValueError(
             "groups must be whole and of equal size to take a group softmax; "
@@ -42,9 +51,9 @@ def group_order(group_ids: Tensor) -> tuple[Tensor, int]:
     return order, sizes[0]
 
 
-def group_view(x: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+def group_view(x: Tensor, group_ids: Tensor, group_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Gather ``x`` [N, ...] by group: returns ``(x_grouped [B, G, ...], order [N])``."""
-    order, g = group_order(group_ids)
+    order, g = group_order(group_ids, group_size)
     return x[order].reshape(-1, g, *x.shape[1:]), order
 
 
@@ -66,7 +75,7 @@ def compute_advantages(
         rewards: [N] summed rewards.
         group_ids: [N] group of each row.
         std: ``"none"`` (centred only), ``"group"`` (÷ group std + eps), ``"batch"`` (÷ batch std + eps).
-        eps: added to the std before dividing.
+        eps: added to the std before dividing (``algorithm.advantage_eps``; verl 1e-6, TRL 1e-4).
 
     Returns:
         ``(advantages [N], stats)`` with TRL's ``reward`` (mean), ``reward_std`` (mean within-group

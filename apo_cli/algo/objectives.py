@@ -12,7 +12,10 @@ Registered names (the training loop never special-cases one; it reads :class:`Ob
   (``LossContext.tau``). Optional: z-loss ``z_loss_coef * logsumexp_G(u)^2`` averaged over groups
   (a soft trust region on the drift of the whole group's likelihood, which the group softmax cannot
   see; §4 writes the square of the mean over groups, the mean of squares is used so that micro-batch
-  losses stay additive — the two agree at u = 0 and in their gradient there) and the k3 KL to a
+  losses stay additive — the two agree at u = 0 and in their gradient there); ``z_loss_form:
+  centred`` (the default) uses ``(logsumexp_G(u) - log G)^2`` instead, zero and flat at u = 0 (the
+  reference form, the author's, is smallest at u = -log G, so at u = 0 it lowers every sampled completion's log-prob by a
+  gradient of ``2 z log G / (G tau)`` each, see docs/method.md) and the k3 KL to a
   reference model (``kl_coef``, off by default). There is no "on-policy fix": at u = 0 the gradient is ``G^(alpha-1)/alpha (q_j^alpha - mean q^alpha) / tau`` per sample,
   not zero.
 ``adpo`` — the same with alpha fixed at 1: ``KL(q || p)``, i.e. the anchored cross-entropy of ADPO.
@@ -29,6 +32,7 @@ micro-batches add up to the loss of the mini-batch; metrics are means over the m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -65,6 +69,7 @@ class LossBatch:
     advantages: Tensor  # [N] from compute_advantages
     group_ids: Tensor  # [N] long; every group present has all its members here
     logp_ref: Tensor | None = None  # [N, T] reference-model log-probs (k3 KL when kl_coef > 0)
+    group_size: int | None = None  # the rollout's G: each group id present must have exactly G rows here
 
 
 @dataclass
@@ -271,7 +276,7 @@ def _anchored_loss(batch: LossBatch, spec: AlgorithmSpec, ctx: LossContext, alph
     delta = seq - seq_old  # [N]
     u = anchored_logits(delta, ctx.tau, spec.clip_ratio, spec.clip_u)  # [N]
 
-    order, g = group_order(batch.group_ids)
+    order, g = group_order(batch.group_ids, batch.group_size)
     u_g = u[order].view(-1, g)  # [B, G]
     a_g = batch.advantages.to(dt)[order].view(-1, g)  # [B, G]
     log_q = torch.log_softmax(a_g / spec.beta_r, dim=-1).detach()  # [B, G]
@@ -279,7 +284,9 @@ def _anchored_loss(batch: LossBatch, spec: AlgorithmSpec, ctx: LossContext, alph
 
     div = alpha_divergence(log_q, log_p, alpha)  # [B]
     lse = torch.logsumexp(u_g, dim=-1)  # [B]
-    z = spec.z_loss_coef * lse.square()  # [B]
+    # reference: lse^2, smallest at u = -log G; centred: (lse - log G)^2, zero and flat at u = 0
+    centre = math.log(g) if spec.z_loss_form == "centred" else 0.0
+    z = spec.z_loss_coef * (lse - centre).square()  # [B]
     loss = (div.sum() + z.sum()) / max(int(ctx.total_groups), 1)
 
     with torch.no_grad():
@@ -299,7 +306,7 @@ def _anchored_loss(batch: LossBatch, spec: AlgorithmSpec, ctx: LossContext, alph
 
 
 _ANCHORED_PARAMS = frozenset(
-    {"tau", "beta_r", "clip_ratio", "clip_u", "z_loss_coef", "logprob_reduction", "adaptive_tau"}
+    {"tau", "beta_r", "clip_ratio", "clip_u", "z_loss_coef", "z_loss_form", "logprob_reduction", "adaptive_tau"}
 )
 
 

@@ -5,7 +5,11 @@ their field names, so any schedule can be replayed exactly from ``metrics.jsonl`
 
 - ``reward``: mean raw reward;
 - ``reward_signal`` r: advantages min-max normalised within each group, averaged over the batch
-  (for one group with k of G correct on a 0/1 reward, r = k/G; a group with equal rewards gives 0);
+  (for one group with k of G correct on a 0/1 reward, r = k/G; a group with equal rewards gives 0).
+  :func:`loss_batch_signals` takes the reference code's form instead, min and max over the whole
+  loss batch (``algorithm.alpha.granularity: micro_batch``, APO_METHOD §3); over a whole rollout of
+  many groups that form collapses to about 1/2 (the mean of centred advantages is 0, so r =
+  -min A / (max A - min A) is set by two extreme rows), which is why a step keeps the per-group form;
 - ``entropy_proxy`` h = mean_i clip(-logp_mean_i / log|V|, 0, 1) (per-token NLL of the sampled
   completion under the rollout policy, relative to a uniform distribution); ``confidence`` c = 1 - h;
 - ``calibration``: how well the policy's own sequence log-prob (per-token mean) ranks better over
@@ -21,9 +25,11 @@ coverage, low = exploitation:
 
 - ``constant``: ``value`` (default alpha_max);
 - ``linear`` / ``cosine``: alpha_max -> alpha_min over ``steps`` steps (default run.max_steps),
-  a function of ``Signals.step`` (0 for the first rollout);
+  a function of ``Signals.step`` (0 for the first rollout): alpha_max at step 0 and alpha_min
+  exactly at step ``steps - 1``, the last training step;
 - ``reward_confidence``: the reference rule, stateless: alpha = alpha_max - (alpha_max - alpha_min)
-  * c * max(2r - 1, 0);
+  * c * max(2r - 1, 0); with ``granularity: micro_batch`` the loop calls it at every loss call with
+  that micro-batch's :func:`loss_batch_signals`, as the reference code does;
 - ``guarded``: stateful. EMAs (factor ``ema``) of the reward and of the calibration; the policy is
   *improving* when the least-squares slope of the last ``window`` reward EMAs exceeds
   ``min_improvement`` per step, and *confident* when the calibration EMA reaches
@@ -125,6 +131,46 @@ def compute_signals(
     )
 
 
+def _entropy_proxy(seq_logp_mean: Tensor, vocab_size: int) -> float:
+    return float((-seq_logp_mean.double() / math.log(max(vocab_size, 2))).clamp(0.0, 1.0).mean())
+
+
+@torch.no_grad()
+def loss_batch_signals(
+    step: int,
+    rewards: Tensor,
+    advantages: Tensor,
+    group_ids: Tensor,
+    logp_mean: Tensor,
+    logp_mean_old: Tensor,
+    vocab_size: int,
+) -> Signals:
+    """Signals of one loss batch (a micro-batch of whole groups) as the reference code computes them
+    at every loss call (APO_METHOD §3):
+
+    - ``reward_signal`` r = mean_i (A_i - min A) / max(max A - min A, 1e-6), min and max over the
+      whole loss batch (with one group per micro-batch: the per-group form);
+    - ``confidence`` c = 1 - h with h from ``logp_mean`` [N], the per-token mean log-probs under
+      the *current* policy (the reference's ``h_dynamic``);
+    - ``entropy_proxy`` h from ``logp_mean_old`` [N], under the rollout policy (the reference's
+      ``h_static``, the ``a * h`` term of adaptive tau);
+    - ``calibration``: the within-group AUROC of the current log-probs against the rewards.
+    """
+    dt = torch.float64
+    a = advantages.to(dt)  # [N]
+    lo = a.min()
+    reward_signal = float(((a - lo) / (a.max() - lo).clamp(min=1e-6)).mean())
+    h_now = _entropy_proxy(logp_mean, vocab_size)
+    return Signals(
+        step=int(step),
+        reward=float(rewards.to(dt).mean()),
+        reward_signal=reward_signal,
+        confidence=1.0 - h_now,
+        entropy_proxy=_entropy_proxy(logp_mean_old, vocab_size),
+        calibration=_pairwise_auroc(logp_mean.to(dt), rewards.to(dt), group_ids),
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Alpha schedules
 
@@ -187,9 +233,10 @@ class AnnealedAlpha(_Stateless):
         self.kind, self.alpha_max, self.alpha_min, self.steps = kind, alpha_max, alpha_min, max(int(steps), 1)
 
     def step(self, signals: Signals) -> float:
-        t = min(max(signals.step / self.steps, 0.0), 1.0)
+        # step indices run 0 .. steps-1: the last one is alpha_min exactly (a one-step schedule is alpha_min)
+        t = 1.0 if self.steps == 1 else min(max(signals.step / (self.steps - 1), 0.0), 1.0)
         frac = t if self.kind == "linear" else 0.5 * (1.0 - math.cos(math.pi * t))  # 0 -> 1
-        self.alpha = self.alpha_max + (self.alpha_min - self.alpha_max) * frac
+        self.alpha = self.alpha_max * (1.0 - frac) + self.alpha_min * frac  # exact at both ends
         return self.alpha
 
 
@@ -210,6 +257,13 @@ class RewardConfidenceAlpha(_Stateless):
 
     def metrics(self) -> dict[str, float]:
         return {} if self.alpha is None else {"alpha/target": self.alpha, "alpha/gate": self.gate}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "gate": self.gate}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        super().load_state_dict(d)
+        self.gate = float(d.get("gate", 0.0))  # checkpoints before the gate was saved: recomputed next step
 
 
 def _slope(ys: list[float]) -> float:
@@ -295,11 +349,25 @@ A third-party package adds one through the ``apo.alpha_schedules`` entry-point g
 ``AlphaScheduleSpec`` it needs. The built-ins below are registered the same way, by name."""
 
 
+def _reads(*fields: str) -> Callable[[AlphaScheduleFactory], AlphaScheduleFactory]:
+    """Declare the ``AlphaScheduleSpec`` fields a factory reads (besides ``kind``): a recipe that sets
+    another one to a non-default value is an error naming it ("no dead field"). A third-party factory
+    may declare its own ``params`` the same way; without it nothing is checked."""
+
+    def deco(factory: AlphaScheduleFactory) -> AlphaScheduleFactory:
+        factory.params = frozenset(fields)  # type: ignore[attr-defined]
+        return factory
+
+    return deco
+
+
 @ALPHA_SCHEDULES.register("constant")
+@_reads("value", "alpha_max")
 def _constant(spec: AlphaScheduleSpec, max_steps: int | None) -> AlphaSchedule:
     return ConstantAlpha(spec.alpha_max if spec.value is None else spec.value)
 
 
+@_reads("alpha_max", "alpha_min", "steps")
 def _annealed(spec: AlphaScheduleSpec, max_steps: int | None) -> AlphaSchedule:
     steps = spec.steps or max_steps
     if not steps:
@@ -312,11 +380,14 @@ ALPHA_SCHEDULES.add("cosine", _annealed)
 
 
 @ALPHA_SCHEDULES.register("reward_confidence")
+@_reads("alpha_max", "alpha_min", "granularity")
 def _reward_confidence(spec: AlphaScheduleSpec, max_steps: int | None) -> AlphaSchedule:
     return RewardConfidenceAlpha(spec.alpha_max, spec.alpha_min)
 
 
 @ALPHA_SCHEDULES.register("guarded")
+@_reads("alpha_max", "alpha_min", "ema", "window", "min_improvement", "confidence_threshold", "max_rate",
+        "smoothing", "hysteresis")
 def _guarded(spec: AlphaScheduleSpec, max_steps: int | None) -> AlphaSchedule:
     return GuardedAlpha(spec)
 
@@ -328,6 +399,51 @@ def make_alpha_schedule(spec: AlphaScheduleSpec, max_steps: int | None) -> Alpha
     except UnknownName:
         raise ValueError(f"unknown alpha schedule kind {spec.kind!r}") from None
     return factory(spec, max_steps)
+
+
+class LossBatchSchedule:
+    """``algorithm.alpha.granularity: micro_batch``: alpha and tau recomputed at every loss call from
+    that micro-batch's :func:`loss_batch_signals`, as the reference code does (its min/max run over
+    the batch passed to the loss, and its confidence uses the current policy's log-probs). Keeps what
+    was used for the step's metrics line."""
+
+    def __init__(self, alpha: AlphaSchedule, tau: TauSchedule, step: int, vocab_size: int) -> None:
+        self.alpha, self.tau, self.step, self.vocab_size = alpha, tau, step, vocab_size
+        self.used: list[tuple[float, float, Signals]] = []  # (alpha, tau, signals) per loss call
+
+    @torch.no_grad()
+    def values(self, rewards: Tensor, advantages: Tensor, group_ids: Tensor, logp: Tensor, logp_old: Tensor,
+               mask: Tensor) -> dict[str, float]:
+        """``{"alpha", "tau"}`` for one micro-batch: token log-probs [N, T] now and at the rollout."""
+        m = (mask != 0).to(torch.float64)  # [N, T]
+        n_tok = m.sum(dim=-1).clamp(min=1)  # [N]
+        now = (logp.detach().double() * m).sum(dim=-1) / n_tok  # [N] per-token mean log-prob
+        old = (logp_old.detach().double() * m).sum(dim=-1) / n_tok  # [N]
+        sig = loss_batch_signals(self.step, rewards, advantages, group_ids, now.cpu(), old.cpu(), self.vocab_size)
+        alpha, tau = self.alpha.step(sig), self.tau.step(sig)
+        self.used.append((alpha, tau, sig))
+        return {"alpha": alpha, "tau": tau}
+
+    def log_into(self, metrics: dict[str, float]) -> tuple[float, float]:
+        """Add :meth:`metrics` but alpha and tau to ``metrics``; return the step's (alpha, tau)."""
+        m = self.metrics()
+        metrics.update({k: v for k, v in m.items() if k not in ("alpha", "tau")})
+        return m.get("alpha", float("nan")), m.get("tau", float("nan"))
+
+    def metrics(self) -> dict[str, float]:
+        """The step's alpha and tau (means over the loss calls) and what they were computed from."""
+        if not self.used:
+            return {}
+        k = len(self.used)
+        mean = lambda xs: sum(xs) / k  # noqa: E731
+        alphas = [a for a, _, _ in self.used]
+        return {
+            "alpha": mean(alphas), "tau": mean([t for _, t, _ in self.used]),
+            "alpha/min": min(alphas), "alpha/max": max(alphas), "alpha/loss_batches": float(k),
+            "loss_batch/reward_signal": mean([s.reward_signal for _, _, s in self.used]),
+            "loss_batch/confidence": mean([s.confidence for _, _, s in self.used]),
+            "loss_batch/entropy_proxy": mean([s.entropy_proxy for _, _, s in self.used]),
+        }
 
 
 # --------------------------------------------------------------------------------------------------

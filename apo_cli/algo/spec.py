@@ -8,7 +8,7 @@ checking.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -22,6 +22,8 @@ __all__ = [
     "objective_names",
     "objective_params",
     "schedule_kinds",
+    "schedule_params",
+    "switched_unused",
     "unused_param_problems",
 ]
 
@@ -85,6 +87,13 @@ class AlphaScheduleSpec(Section):
     hysteresis: float = Field(
         0.05, ge=0, le=1, description="guarded: margin below the confidence threshold before moving back."
     )
+    granularity: Literal["step", "micro_batch"] = Field(
+        "step",
+        description="reward_confidence: compute alpha (and adaptive tau) once per step from the whole rollout "
+        "(step), or, as the reference code does, at every loss call from that micro-batch's rows: the reward "
+        "signal min-max normalised over the micro-batch and the confidence from the current policy's "
+        "log-probs (micro_batch).",
+    )
 
     @field_validator("kind")
     @classmethod
@@ -125,12 +134,35 @@ class AlgorithmSpec(Section):
     clip_ratio: float = Field(5.0, gt=0, description="APO/ADPO: clip of logp − logp_anchor before dividing by tau.")
     clip_u: float = Field(10.0, gt=0, description="APO/ADPO: clip of the anchored logit u.")
     z_loss_coef: float = Field(0.0, ge=0, description="APO/ADPO: coefficient of the z-loss on logsumexp(u).")
-    kl_coef: float = Field(0.0, ge=0, description="Coefficient of the k3 KL to the initial (reference) model.")
+    z_loss_form: Literal["reference", "centred"] = Field(
+        "centred",
+        description="APO/ADPO: z-loss per group as z·(lse_G(u) − log G)² (centred: zero and flat at u = 0, a trust "
+        "region on the group's drift only; ahead on benchmarks/quality.py, docs/method.md) or z·lse_G(u)² "
+        "(reference, the author's code: smallest at u = −log G, so at u = 0 it pushes every sampled "
+        "completion's log-prob down).",
+    )
+    kl_coef: float = Field(
+        0.0, ge=0,
+        description="Coefficient of the k3 KL to the initial (reference) model: per token exp(d) − d − 1 with "
+        "d = logp_ref − logp clamped to ±20 and the k3 value clamped at 10, as "
+        "verl does (TRL clamps neither).",
+    )
     logprob_reduction: Literal["mean", "sum"] = Field(
         "mean", description="APO/ADPO: sequence log-prob as the mean (length-normalised) or sum over tokens."
     )
     advantage_std: Literal["none", "group", "batch"] | None = Field(
         None, description="Divide centred rewards by the group or batch std. Default per objective (apo: none, grpo/gspo: group)."
+    )
+    advantage_eps: float = Field(
+        1e-6, gt=0,
+        description="Added to the std before dividing (advantage_std group/batch): verl's 1e-6 (the paper's "
+        "stack); TRL uses 1e-4.",
+    )
+    disable_dropout: bool = Field(
+        True,
+        description="Set every dropout of the policy (LoRA's included) to 0 for training, so that the anchor, "
+        "the ratio's old log-probs and the trained log-probs are the same function at the same weights; "
+        "false keeps the model's dropout (then two passes at the same weights differ).",
     )
     eps_low: float | None = Field(None, gt=0, description="GRPO/GSPO: lower clip epsilon (default 0.2 / 3e-4).")
     eps_high: float | None = Field(None, gt=0, description="GRPO/GSPO: upper clip epsilon (default 0.2 / 4e-4).")
@@ -157,22 +189,85 @@ class AlgorithmSpec(Section):
         return v
 
 
-# algorithm fields that every objective uses (loop control and the objective's own name).
-ALWAYS_USED = frozenset({"objective", "mini_batches", "epochs", "kl_coef", "advantage_std"})
+# algorithm fields that every objective uses (loop control, the advantages and the objective's own name).
+ALWAYS_USED = frozenset(
+    {"objective", "mini_batches", "epochs", "kl_coef", "advantage_std", "advantage_eps", "disable_dropout"}
+)
+
+Problem = tuple[tuple[str, ...], str]
 
 
-def unused_param_problems(a: AlgorithmSpec) -> list[tuple[tuple[str, ...], str]]:
-    """Fields of ``a`` set to a non-default value that its objective does not read, as recipe problems."""
+def schedule_params(kind: str) -> frozenset[str] | None:
+    """The ``algorithm.alpha`` fields schedule ``kind`` reads (besides ``kind``), or None when its factory
+    does not declare them (a third-party schedule without a ``params`` attribute: nothing is checked)."""
+    from apo_cli.algo.schedules import ALPHA_SCHEDULES
+
+    try:
+        params = getattr(ALPHA_SCHEDULES.get(kind), "params", None)
+    except Exception:  # noqa: BLE001 - an unloadable plugin is reported by the kind validator
+        return None
+    return None if params is None else frozenset(params)
+
+
+def _changed(section: Section) -> list[str]:
+    """Fields of ``section`` set to a value other than their default (restating a default is harmless)."""
+    fields = type(section).model_fields
+    return [n for n in sorted(section.model_fields_set)
+            if getattr(section, n) != fields[n].get_default(call_default_factory=True)]
+
+
+def _dead_fields(a: AlgorithmSpec) -> list[tuple[Problem, tuple[tuple[str, ...], ...]]]:
+    """Every field set to a non-default value that nothing reads with the choices made, with the
+    locations of the switches (objective, alpha.kind, ...) whose value makes it unread."""
+    from apo_cli.algo.objectives import OBJECTIVES
+
     used = objective_params(a.objective)
     if used is None:
         return []
+    obj = ("algorithm", "objective")
     out = []
-    for name in sorted(a.model_fields_set - used - ALWAYS_USED):
-        value = getattr(a, name)
-        default = AlgorithmSpec.model_fields[name].get_default(call_default_factory=True)
-        if value == default:  # restating a default (e.g. a dumped resolved recipe) is harmless
-            continue
-        out.append((("algorithm", name),
-                    f"algorithm.{name} is set but objective {a.objective!r} does not use it "
-                    f"(it uses: {', '.join(sorted(used))})"))
+    for name in _changed(a):
+        if name not in used | ALWAYS_USED:
+            out.append(((("algorithm", name), f"algorithm.{name} is set but objective {a.objective!r} does not use it "
+                                              f"(it uses: {', '.join(sorted(used))})"), (obj,)))
+    if "alpha" in used and (reads := schedule_params(a.alpha.kind)) is not None:
+        for name in _changed(a.alpha):
+            if name != "kind" and name not in reads:
+                uses = ", ".join(sorted(reads)) or "none"
+                out.append(((("algorithm", "alpha", name), f"algorithm.alpha.{name} is set but alpha kind "
+                             f"{a.alpha.kind!r} does not use it (it uses: {uses})"), (("algorithm", "alpha", "kind"),)))
+    if "adaptive_tau" in used and not a.adaptive_tau.enabled:
+        for name in _changed(a.adaptive_tau):
+            if name != "enabled":
+                out.append(((("algorithm", "adaptive_tau", name), f"algorithm.adaptive_tau.{name} is set but "
+                             "adaptive_tau.enabled is false, so it is not used"), (("algorithm", "adaptive_tau", "enabled"),)))
+    std = a.advantage_std or OBJECTIVES.get(a.objective).defaults.get("advantage_std", "none")
+    if "advantage_eps" in _changed(a) and std == "none":
+        out.append(((("algorithm", "advantage_eps"), f"algorithm.advantage_eps is set but advantage_std is 'none' "
+                     f"(for objective {a.objective!r}), so no std is divided by"), (obj, ("algorithm", "advantage_std"))))
+    if "z_loss_form" in used and "z_loss_form" in _changed(a) and a.z_loss_coef == 0:
+        out.append(((("algorithm", "z_loss_form"), "algorithm.z_loss_form is set but z_loss_coef is 0, so it is not used"),
+                    (obj, ("algorithm", "z_loss_coef"))))
+    return out
+
+
+def unused_param_problems(a: AlgorithmSpec) -> list[Problem]:
+    """Fields of ``a`` (nested sections included) set to a non-default value that the chosen objective,
+    alpha kind or adaptive-tau switch never reads, as recipe problems naming the field and the choice."""
+    return [problem for problem, _ in _dead_fields(a)]
+
+
+def switched_unused(a: AlgorithmSpec, problems: list[Problem], overridden: Any) -> dict[Problem, str]:
+    """Those of ``problems`` that are unread fields because a switch that makes them unread was set by
+    an override (``overridden``: the overridden locations), each with the switch's name. The recipe
+    reports these as warnings: switching the objective or the schedule on the command line (to compare
+    GRPO with a recipe's APO, say) ignores the settings the new choice does not read."""
+    def hit(switch: tuple[str, ...]) -> bool:
+        return any(tuple(loc) == switch[: len(loc)] for loc in overridden)
+
+    out = {}
+    for problem, switches in _dead_fields(a):
+        names = [s for s in switches if hit(s)]
+        if problem in problems and names:
+            out[problem] = "objective" if names[0] == ("algorithm", "objective") else ".".join(names[0])
     return out

@@ -28,7 +28,7 @@ from apo_cli.errors import ApoError, BackendError, DataError, RunDirError, Usage
 from apo_cli.runtime.fsdp import check_shardable, is_sharded, shard
 from apo_cli.runtime.world import World
 from apo_cli.sampling import prompt_limit
-from apo_cli.train.policy import Policy
+from apo_cli.train.policy import Policy, disable_dropout
 from apo_cli.train.state import DataOrder, TrainState
 from backends import create_backend
 
@@ -100,6 +100,9 @@ def _prepare(r: Recipe, world: World, backend: Any, resume: bool, resume_from: P
         backend = create_backend(r.backend)
     # model.dtype auto: fp32 master weights everywhere; the backend computes in its dtype under autocast
     model, tok, model_path = load_policy(r.model, seed=r.run.seed, device_dtype="float32")
+    model.train()  # whatever the loader left (from_pretrained: eval): gradient checkpointing needs train mode
+    if r.algorithm.disable_dropout:  # one function at one set of weights: anchors equal the policy's log-probs
+        disable_dropout(model)
     if world.distributed:
         check_shardable(model)  # before any collective: the same verdict on every rank
     ref = _reference(model) if r.algorithm.kl_coef > 0 and r.model.lora is None else None  # before sharding

@@ -48,7 +48,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,16 +56,17 @@ import torch
 
 from apo_cli.algo.advantages import compute_advantages
 from apo_cli.algo.objectives import LossBatch, LossContext, resolved
-from apo_cli.algo.schedules import compute_signals
+from apo_cli.algo.schedules import LossBatchSchedule, compute_signals
 from apo_cli.checkpoint import RunLock, latest_good_checkpoint
 from apo_cli.dashboard import make_dashboard
 from apo_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, TrainingError
-from apo_cli.metrics import MetricsWriter
+from apo_cli.perf import Perf
 from apo_cli.runtime.fsdp import clip_grad_norm
 from apo_cli.runtime.world import shared
 from apo_cli.sampling import encode_prompts, sample_and_score
 from apo_cli.train import session, state
 from apo_cli.train.build import build
+from apo_cli.train.evaluate import Evaluator
 from apo_cli.train.policy import Anchors
 from backends import SamplingParams
 
@@ -97,6 +98,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, *, resume: bool = False, resume_from: Path | None = None,
                  allow_recipe_change: bool = False):
+        session.check_trackers(recipe)  # a tracker that is not installed fails before anything loads
         b = build(recipe, resume=resume, resume_from=resume_from, allow_recipe_change=allow_recipe_change)
         self.recipe, self.world, self.backend, self.run_dir = b.recipe, b.world, b.backend, b.run_dir
         self.resume, self.resume_from = b.resume, b.resume_from
@@ -106,6 +108,8 @@ class Trainer:
         self.G = recipe.rollout.group_size
         self.phase = "rollout"  # "update" once a step starts changing the weights
         self.last_saved, self.last_path = 0, None
+        self.loss_batch = None  # the reference rule per loss call (algorithm.alpha.granularity: micro_batch)
+        self.evaluator, self.perf = Evaluator(self), Perf(self.model, self.backend, recipe, self.world.size)
 
     # what tests, benchmarks and callers read
     model = property(lambda self: self.policy.model)
@@ -129,21 +133,15 @@ class Trainer:
                 return latest_good_checkpoint(self.run_dir)
             self.last_saved = st.step
             self.backend.sync_weights()  # the engine samples from the (restored) policy from the first rollout on
-            metrics = MetricsWriter(self.run_dir / r.logging.metrics_file,
-                                    self.run_dir / "tb" if r.logging.tensorboard else None) if main else None
-            with session.StopFlag() as stop, dash:
+            with session.StopFlag() as stop, dash, session.run_log(self, dash) as log:
                 for n in notes:
                     dash.message(n, "yellow")
-                try:
-                    self._loop(metrics, dash, stop)
-                finally:
-                    if metrics is not None:
-                        metrics.close()
+                self._loop(log, dash, stop)
         dash.message(f"done: {st.step} steps; final checkpoint {self.last_path}")
         return self.last_path
 
-    def _loop(self, metrics: MetricsWriter | None, dash, stop: session.StopFlag) -> None:
-        """``metrics`` is None on the ranks other than 0, which write nothing."""
+    def _loop(self, log: session.RunLog | None, dash, stop: session.StopFlag) -> None:
+        """``log`` (metrics, samples, trackers) is None on the ranks other than 0, which write nothing."""
         r, st = self.recipe, self.state
         while st.step < st.max_steps:
             before = json.loads(json.dumps(st.state_dict())), torch.get_rng_state()
@@ -154,9 +152,9 @@ class Trainer:
                 if not self.world.distributed or getattr(e, "shared", False):
                     session.save_before_failure(self, *before, dash=dash)
                 raise
-            if metrics is not None:
-                metrics.write(record)
-                session.append_samples(self.run_dir / "samples.jsonl", samples)
+            record.update(self.evaluator.maybe_run(st.step, st.max_steps, dash))  # before the checkpoint
+            if log is not None:
+                log.write(record, samples)
             dash.update(record, samples)
             if st.consecutive_skips >= r.optim.max_consecutive_skips:
                 path = self.save()
@@ -196,8 +194,10 @@ class Trainer:
         # 2. signals -> this step's alpha and tau
         vocab = int(getattr(self.model.config, "vocab_size", len(self.tok)))
         sig = compute_signals(st.step - 1, ro.rewards, ro.advantages, ro.group_ids, seq_lp, vocab, correct)
-        alpha = st.alpha_schedule.step(sig) if self.objective.uses_alpha else 1.0
-        tau = st.tau_schedule.step(sig)
+        per_mb = self.objective.uses_alpha and a.alpha.granularity == "micro_batch"  # alpha, tau at each loss call
+        self.loss_batch = LossBatchSchedule(st.alpha_schedule, st.tau_schedule, st.step - 1, vocab) if per_mb else None
+        alpha = st.alpha_schedule.step(sig) if self.objective.uses_alpha and not per_mb else 1.0
+        tau = st.tau_schedule.step(sig) if not per_mb else float("nan")
         # 3. anchors of the rows not trained first; 4. the updates
         self.phase = "update"
         first = set(self._rows(plans[0][0]))  # trained first, at the rollout weights: their own anchors
@@ -206,6 +206,8 @@ class Trainer:
             anchors.compute(rest)
         train_metrics = self.update(ro, alpha, tau, anchors, plans)
         train_metrics.update(self.world.mean(_engine_mismatch(ro, anchors.mine())))
+        if per_mb:  # what was used: the mean alpha and tau over the loss calls, their range and signals
+            alpha, tau = self.loss_batch.log_into(train_metrics)
         # 5. sync the engine, record
         sync_s = self.backend.sync_weights()
         times = {"time/rollout": t_roll - t0, "time/train": time.perf_counter() - t_roll - sync_s, "time/sync": sync_s}
@@ -225,7 +227,8 @@ class Trainer:
         s = sample_and_score(self.backend, self.tok, self.rewards, enc.ids, texts, examples, params, self.world)
         rewards = torch.tensor(s.rewards.total, dtype=torch.float32)
         group_ids = torch.arange(len(examples)).repeat_interleave(self.G)
-        adv, adv_stats = compute_advantages(rewards, group_ids, resolved(r.algorithm, "advantage_std"))
+        adv, adv_stats = compute_advantages(rewards, group_ids, resolved(r.algorithm, "advantage_std"),
+                                            r.algorithm.advantage_eps)
         flat = s.completions
         engine_lp = None if any(c.logprobs is None for c in flat) else [c.logprobs for c in flat]
         rep = lambda xs: [x for x in xs for _ in range(self.G)]  # noqa: E731
@@ -293,7 +296,10 @@ class Trainer:
                 old[k, : anchors[i].shape[0]] = anchors[i][: logp.shape[1]]
             ref = self.policy.ref_logprobs(prompts, comps) if a.kl_coef > 0 else None
             batch = LossBatch(logp=logp, logp_old=old, mask=mask, advantages=ro.advantages[chunk].to(self.policy.device),
-                              group_ids=ro.group_ids[chunk].to(self.policy.device), logp_ref=ref)
+                              group_ids=ro.group_ids[chunk].to(self.policy.device), logp_ref=ref, group_size=self.G)
+            if self.loss_batch is not None:  # alpha and tau from this micro-batch
+                ctx = replace(ctx, **self.loss_batch.values(ro.rewards[chunk], batch.advantages, ro.group_ids[chunk],
+                                                            logp, old, mask))
             loss, m = self.objective.fn(batch, a, ctx)
             if not world.all_true(bool(torch.isfinite(loss))):  # one rank's NaN skips the step on all
                 finite = False
@@ -342,6 +348,7 @@ class Trainer:
             **times,
             "step_time": step_time,
             "tokens_per_s": sum(lengths) / max(step_time, 1e-9),
+            **self.perf.metrics(ro.prompt_ids, ro.completion_ids, self.G, ro.engine_logprobs is not None, times),
         }
         k = self.recipe.logging.samples_per_step
         samples = [

@@ -4,6 +4,9 @@
   device in its compute dtype (apo_cli/batching.py packs whole groups and runs each prompt once).
 - :meth:`Policy.ref_logprobs`: the same under the KL reference: a frozen copy of the initial model,
   or, for a LoRA policy, the policy with its adapter disabled.
+- :func:`disable_dropout` (``algorithm.disable_dropout``, on by default): the policy stays in train mode
+  (gradient checkpointing needs it), so without it every pass draws its own dropout mask and the
+  anchor would differ from the policy's own log-probs at the very same weights.
 - :class:`Anchors`: each row's log-probs at the rollout weights, the anchor of APO's ``u`` and the
   old policy of GRPO's ratio. A row trained first, at exactly the rollout weights, is anchored by
   its own forward (detached, no extra pass); the others get a no-grad pass before the first update.
@@ -19,6 +22,32 @@ import torch
 
 from apo_cli.batching import completion_logprobs, pack
 from apo_cli.runtime.world import World
+
+
+# float attributes that modules apply as functional dropout (attention probabilities, LoRA, ...)
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "hidden_dropout", "activation_dropout")
+
+
+def disable_dropout(model: Any) -> int:
+    """Set every dropout probability of ``model`` to 0: each ``nn.Dropout`` (LoRA's ``lora_dropout``
+    included; what TRL's ``disable_dropout_in_model`` does), the float dropout rates modules apply
+    functionally (HF attention's ``attention_dropout``) and those of the config. Returns how many were > 0."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            n += module.p > 0
+            module.p = 0.0
+        for name in _DROPOUT_ATTRS:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool):
+                n += value > 0
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name in (*_DROPOUT_ATTRS, "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob",
+                 "attention_probs_dropout_prob"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+    return int(n)
 
 
 class Policy:

@@ -9,10 +9,14 @@ cutting the logs back to the checkpoint), signals, and saving before a failure.
   after it are redone and logged once), write the resolved recipe.
 - :func:`save_before_failure`: a step that failed before its update leaves the weights of the last
   completed step, which is checkpointed with the data position and RNG from before the failed step.
+- :class:`RunLog` (:func:`run_log`, rank 0): each step's metrics row to ``metrics.jsonl`` and the
+  trackers of ``logging.report_to`` (apo_cli/tracking/), its samples to ``samples.jsonl``; the peak
+  FLOP/s of the device and the parameter counts behind ``perf/mfu`` to ``perf.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from pathlib import Path
@@ -20,8 +24,10 @@ from typing import Any
 
 from apo_cli.checkpoint import atomic_write_text, latest_good_checkpoint, remove_stale_temp
 from apo_cli.errors import EXIT_TERMINATED, ApoError, Interrupted, RunDirError
-from apo_cli.metrics import truncate_jsonl_after
+from apo_cli.metrics import MetricsWriter, truncate_jsonl_after
+from apo_cli.evaluation import drop_training_evals_after
 from apo_cli.recipe_yaml import recipe_to_yaml
+from apo_cli.tracking import check_installed, open_trackers
 
 
 class StopFlag:
@@ -91,6 +97,7 @@ def start(trainer: Any) -> list[str]:
         # lines of steps after the checkpoint are redone: drop them so each step is logged once
         truncate_jsonl_after(run_dir / trainer.recipe.logging.metrics_file, trainer.state.step)
         truncate_jsonl_after(run_dir / "samples.jsonl", trainer.state.step)
+        drop_training_evals_after(run_dir, trainer.state.step)  # evaluations of the steps to redo
         atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(trainer.recipe))
     return notes
 
@@ -125,3 +132,47 @@ def make_run_dir(run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+
+
+def check_trackers(recipe: Any) -> None:
+    """A one-line error naming the extra to install when a tracker of logging.report_to is missing."""
+    check_installed(recipe.logging.trackers())
+
+
+class RunLog:
+    """Rank 0's records of the run (see the module docstring)."""
+
+    def __init__(self, trainer: Any, dash: Any):
+        r, run_dir = trainer.recipe, trainer.run_dir
+        info = trainer.perf.info()
+        atomic_write_text(run_dir / "perf.json", json.dumps(info, indent=1) + "\n")
+        if info["peak_flops"]:
+            dash.message(f"peak {info['peak_flops'] / 1e9:.1f} GFLOP/s for perf/mfu: {info['peak_source']}", "dim")
+        self.metrics = MetricsWriter(run_dir / r.logging.metrics_file)
+        self.samples = run_dir / "samples.jsonl"
+        self.trackers = open_trackers(r.logging.trackers(), run_dir, r, {"perf": info},
+                                      lambda text: dash.message(text, "yellow"))
+
+    def write(self, record: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+        self.metrics.write(record)  # first: a tracker's failure never costs a metrics line
+        append_samples(self.samples, samples)
+        if self.trackers is not None:
+            self.trackers.write(record, samples)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.trackers is not None:
+            self.trackers.close()
+
+
+@contextlib.contextmanager
+def run_log(trainer: Any, dash: Any):
+    """The run's :class:`RunLog` on rank 0, None on the other ranks; closed at the end."""
+    if not trainer.world.is_main:
+        yield None
+        return
+    log = RunLog(trainer, dash)
+    try:
+        yield log
+    finally:
+        log.close()

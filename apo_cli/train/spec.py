@@ -1,4 +1,5 @@
-"""The sections of a recipe the training loop reads: ``run``, ``rollout``, ``optim``, ``checkpoint``, ``logging``.
+"""The sections of a recipe the training loop reads: ``run``, ``rollout``, ``optim``, ``checkpoint``, ``logging``,
+``eval`` (evaluation during training).
 
 Defined here, beside the loop (:mod:`apo_cli.train.loop`), on the shared :class:`apo_cli.spec.Section`.
 This module imports pydantic only; ``apo_cli.train`` imports the loop lazily, so parsing a recipe does
@@ -15,7 +16,10 @@ from pydantic import Field, field_validator, model_validator
 
 from apo_cli.spec import Section, on_off
 
-__all__ = ["CheckpointSpec", "LoggingSpec", "OptimSpec", "RolloutSpec", "RunSpec"]
+__all__ = ["CheckpointSpec", "EvalSpec", "LoggingSpec", "OptimSpec", "RolloutSpec", "RunSpec", "TRACKERS"]
+
+# the experiment trackers logging.report_to may name, each an optional extra: pip install 'apo-cli[NAME]'
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 class RunSpec(Section):
@@ -91,7 +95,16 @@ class CheckpointSpec(Section):
 
 class LoggingSpec(Section):
     metrics_file: str = Field("metrics.jsonl", description="Metrics file name inside the run directory.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard events under <run>/tb.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that also get every metrics row, the resolved recipe as the run's config and "
+                    "the samples: tensorboard (<run>/tb), wandb (offline unless logged in or WANDB_MODE is set), "
+                    "mlflow (a store under the run directory unless MLFLOW_TRACKING_URI is set), trackio (its local "
+                    "store). Each is an extra: pip install 'apo-cli[wandb]'.",
+    )
+    project: str = Field("apo", min_length=1, max_length=128,
+                         description="Project (W&B, Trackio) or experiment (MLflow) the run is logged under.")
+    tensorboard: bool = Field(False, description="Deprecated alias of report_to: [tensorboard] (true adds it).")
     dashboard: Literal["auto", "rich", "plain", "off"] = Field(
         "auto", description="auto: rich dashboard on a terminal, plain lines otherwise."
     )
@@ -109,3 +122,42 @@ class LoggingSpec(Section):
         if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
             raise ValueError("metrics_file must be a plain file name inside the run directory")
         return v
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        twice = sorted({t for t in v if v.count(t) > 1})
+        if twice:
+            raise ValueError(f"report_to names {', '.join(twice)} more than once")
+        return v
+
+    def trackers(self) -> list[str]:
+        """``report_to``, with tensorboard added by the old ``tensorboard: true``."""
+        return list(self.report_to) + (["tensorboard"] if self.tensorboard and "tensorboard" not in self.report_to else [])
+
+
+class EvalSpec(Section):
+    every: int = Field(0, ge=0, description="Evaluate on the held-out problems every N steps and at the end (0: off). "
+                                            "The same sampling and scoring as apo eval; results go into the step's "
+                                            "metrics row (eval/mean@k, eval/pass@k, eval/maj@k with 95 % intervals), "
+                                            "the run's eval.jsonl, the dashboard and the trackers.")
+    k: int = Field(4, ge=1, description="Samples per problem for mean@k, pass@k and maj@k.")
+    limit: int | None = Field(100, ge=1, description="Evaluate the first N held-out problems (null: all).")
+    temperature: float | None = Field(None, ge=0, description="Sampling temperature (null: rollout.temperature; "
+                                                              "0: greedy, one completion per problem, k must be 1).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Longest completion (null: rollout.max_new_tokens).")
+    split: str | None = Field(None, min_length=1, description="Split of a hub dataset to evaluate on (null: the data "
+                                                              "section's held-out problems, data.eval_split or "
+                                                              "data.eval_fraction).")
+
+    @model_validator(mode="after")
+    def _greedy_is_one_sample(self) -> EvalSpec:
+        if self.temperature == 0 and self.k != 1:
+            raise ValueError(f"eval.temperature=0 is greedy decoding, one completion per problem: set eval.k to 1 "
+                             f"(not {self.k}), or sample with a temperature > 0")
+        return self

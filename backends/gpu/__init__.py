@@ -185,6 +185,18 @@ class GPUBackend:
         if self.world.size > 1:
             destroy_process_group()
 
+    # -- beyond the Protocol ----------------------------------------------------------------------
+
+    def peak_flops(self) -> tuple[float, str] | None:
+        """Dense bf16 peak of this GPU from the table in backends/gpu/peaks.py (None: not in it)."""
+        from backends.gpu.peaks import peak_for
+
+        if self.device.type != "cuda":
+            return None  # the tests that run this backend on CPU
+        name = torch.cuda.get_device_name(self.device)
+        peak = peak_for(name)
+        return None if peak is None else (peak, f"{name}: dense bf16 peak (backends/gpu/peaks.py)")
+
 
 # -- helpers --------------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from .conftest import make_batch, make_ctx, run_loss
 
 NAMES = sorted(OBJECTIVES)
 SOFTMAX_NAMES = [n for n in NAMES if "clip_u" in OBJECTIVES[n].params]  # group-softmax objectives
-LOOP_FIELDS = {"objective", "mini_batches", "epochs"}
+LOOP_FIELDS = {"objective", "mini_batches", "epochs", "disable_dropout"}  # disable_dropout: tests/algo/test_fidelity.py
 
 
 def test_registry_has_the_five_objectives_and_consistent_metadata():
@@ -192,6 +192,8 @@ ALTERNATIVES = {
     "clip_ratio": [0.05],
     "clip_u": [0.1],
     "z_loss_coef": [0.1],
+    "z_loss_form": ["centred", "reference"],
+    "advantage_eps": [0.5],
     "kl_coef": [0.1],
     "logprob_reduction": ["sum"],
     "advantage_std": ["group", "none"],
@@ -208,7 +210,7 @@ def _pipeline_loss(spec: AlgorithmSpec, seed: int = 9) -> float:
     b = make_batch(n_groups=4, g=4, t=8, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     rewards = torch.rand(b.logp.shape[0], generator=gen, dtype=torch.float64) ** 2  # spread within groups
-    adv, _ = compute_advantages(rewards, b.group_ids, resolved(spec, "advantage_std"))
+    adv, _ = compute_advantages(rewards, b.group_ids, resolved(spec, "advantage_std"), spec.advantage_eps)
     seq_mean = sequence_logprob(b.logp_old, b.mask, "mean")
     signals: Signals = compute_signals(3, rewards, adv, b.group_ids, seq_mean, vocab_size=50, correct=rewards > 0.5)
     info = get_objective(spec.objective)
@@ -220,12 +222,14 @@ def _pipeline_loss(spec: AlgorithmSpec, seed: int = 9) -> float:
     return loss.item()
 
 
-_CASES = [(n, f) for n in NAMES for f in sorted(OBJECTIVES[n].params | {"kl_coef", "advantage_std"})]
+_CASES = [(n, f) for n in NAMES for f in sorted(OBJECTIVES[n].params | {"kl_coef", "advantage_std", "advantage_eps"})]
+# fields that matter only together with another one: the base the change is measured from
+_BASE_EXTRA = {"z_loss_form": {"z_loss_coef": 0.1}, "advantage_eps": {"advantage_std": "group"}}
 
 
 @pytest.mark.parametrize("name, field", _CASES, ids=[f"{n}-{f}" for n, f in _CASES])
 def test_every_declared_field_changes_the_loss(name, field):
-    base = AlgorithmSpec(objective=name)
+    base = AlgorithmSpec(objective=name, **_BASE_EXTRA.get(field, {}))
     current = resolved(base, field)
     new = next(v for v in ALTERNATIVES[field] if v != current)
     changed = base.model_copy(update={field: new})

@@ -110,9 +110,13 @@ def test_apo_clips():
 def test_apo_z_loss_and_kl_by_hand():
     # z = z_coef * logsumexp(u)^2, logsumexp(±ln3/2) = ln(3^-1/2 + 3^1/2) = ln(4/sqrt3) = 0.8369882167858358
     loss0, _ = run_loss("apo", _two_member_group(), _ctx(alpha=0.5), **APO_KW)
-    loss, m = run_loss("apo", _two_member_group(), _ctx(alpha=0.5), z_loss_coef=0.1, **APO_KW)
+    loss, m = run_loss("apo", _two_member_group(), _ctx(alpha=0.5), z_loss_coef=0.1, z_loss_form="reference", **APO_KW)
     z = 0.1 * math.log(4 / math.sqrt(3)) ** 2  # 0.07005492...
     assert loss.item() - loss0.item() == pytest.approx(z, rel=1e-12) and m["apo/z_loss"] == pytest.approx(z)
+    # the centred form (the default since issue 15): 0.1 * (logsumexp(u) - ln 2)^2
+    loss_c, m_c = run_loss("apo", _two_member_group(), _ctx(alpha=0.5), z_loss_coef=0.1, **APO_KW)
+    z_c = 0.1 * (math.log(4 / math.sqrt(3)) - math.log(2)) ** 2
+    assert loss_c.item() - loss0.item() == pytest.approx(z_c, rel=1e-10) and m_c["apo/z_loss"] == pytest.approx(z_c)
     # k3 with d = logp_ref - logp = [+ln3/2, -ln3/2]: e^d - d - 1 = [sqrt3 - ln3/2 - 1, 1/sqrt3 + ln3/2 - 1]
     #   = [0.18274, 0.12666]; token mean over the 2 tokens = (sqrt3 + 1/sqrt3 - 2) / 2 = 0.1547005
     k3 = (math.sqrt(3) + 1 / math.sqrt(3) - 2) / 2

@@ -64,11 +64,11 @@ def test_constant_linear_cosine_by_hand():
     assert make_alpha_schedule(AlphaScheduleSpec(kind="constant"), 10).step(_sig()) == 0.9  # value None -> alpha_max
     assert make_alpha_schedule(AlphaScheduleSpec(kind="constant", value=0.42), 10).step(_sig()) == 0.42
     lin = make_alpha_schedule(AlphaScheduleSpec(kind="linear", alpha_max=0.9, alpha_min=0.3), max_steps=10)
-    # 0.9 + (0.3 - 0.9) * step / 10
-    assert [lin.step(_sig(step=s)) for s in (0, 5, 10, 20)] == pytest.approx([0.9, 0.6, 0.3, 0.3])
+    # steps 0 .. 9 of a 10-step run: 0.9 + (0.3 - 0.9) * step / 9, alpha_min on the last (issue 15)
+    assert [lin.step(_sig(step=s)) for s in (0, 5, 9, 20)] == pytest.approx([0.9, 0.9 - 0.6 * 5 / 9, 0.3, 0.3])
     cos = make_alpha_schedule(AlphaScheduleSpec(kind="cosine", alpha_max=0.9, alpha_min=0.3, steps=10), 99)
-    # 0.9 - 0.6 * (1 - cos(pi step / 10)) / 2: step 2 -> 0.9 - 0.6 * 0.0954915 = 0.8427051
-    assert [cos.step(_sig(step=s)) for s in (0, 2, 5, 10)] == pytest.approx([0.9, 0.8427051, 0.6, 0.3])
+    # 0.9 - 0.6 * (1 - cos(pi step / 9)) / 2: step 2 -> 0.9 - 0.6 * 0.1169778 = 0.8298133
+    assert [cos.step(_sig(step=s)) for s in (0, 2, 9, 10)] == pytest.approx([0.9, 0.8298133, 0.3, 0.3])
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_annealed_schedule_needs_a_length():
     with pytest.raises(ValueError, match="alpha.steps"):
         make_alpha_schedule(AlphaScheduleSpec(kind="linear"), None)
     linear = make_alpha_schedule(AlphaScheduleSpec(kind="linear", steps=4), None)
-    assert linear.step(_sig(step=2)) == pytest.approx(0.625)  # 0.9 - 0.55 * 2/4
+    assert linear.step(_sig(step=2)) == pytest.approx(0.9 - 0.55 * 2 / 3)  # steps 0..3: the last one is alpha_min
 
 
 def test_load_state_of_another_kind_is_refused():
@@ -217,8 +217,12 @@ def test_every_alpha_schedule_field_changes_the_output(kind, field, value):
     assert _run(changed, traj)[0] != pytest.approx(_run(base, traj)[0])
 
 
+# read by the training loop, not by the schedule's step: tests/algo/test_fidelity.py
+LOOP_READ_ALPHA_FIELDS = {"granularity"}
+
+
 def test_alpha_field_cases_cover_every_field():
-    assert {f for _, f, _ in ALPHA_FIELD_CASES} == set(AlphaScheduleSpec.model_fields)
+    assert {f for _, f, _ in ALPHA_FIELD_CASES} | LOOP_READ_ALPHA_FIELDS == set(AlphaScheduleSpec.model_fields)
 
 
 @pytest.mark.parametrize(

@@ -73,17 +73,18 @@ def test_prompt_asks_for_a_boxed_answer_without_thinking():
     assert Tok.seen["enable_thinking"] is False
 
 
-def test_twins_differ_only_in_the_algorithm_block_and_grpo_group_size():
+def test_twins_differ_only_in_the_algorithm_block_and_grpo_group_size_and_prompts():
     dumps = {n: load_recipe(p).model_dump(mode="json") for n, p in RECIPES.items()}
     for name in ("grpo", "gspo"):
         a, b = dict(dumps["apo"]), dict(dumps[name])
         for d in (a, b):
             d.pop("algorithm")
             d["run"] = {k: v for k, v in d["run"].items() if k != "name"}
-            if name == "grpo":  # G = 8 as in the paper's GRPO baseline; micro-batches hold whole groups
-                d["rollout"] = {k: v for k, v in d["rollout"].items() if k != "group_size"}
+            if name == "grpo":  # G = 8, 128 prompts as the author's GRPO baseline; micro-batches hold whole groups
+                d["rollout"] = {k: v for k, v in d["rollout"].items() if k not in ("group_size", "prompts_per_step")}
                 d["optim"] = {k: v for k, v in d["optim"].items() if k != "micro_batch_size"}
         assert a == b, name
     assert dumps["grpo"]["rollout"]["group_size"] == 8 and dumps["apo"]["rollout"]["group_size"] == 6
+    assert dumps["grpo"]["rollout"]["prompts_per_step"] == 128 and dumps["apo"]["rollout"]["prompts_per_step"] == 48
     assert dumps["apo"]["algorithm"]["alpha"]["kind"] == "reward_confidence"
     assert dumps["apo"]["algorithm"]["adaptive_tau"]["enabled"] is True

@@ -20,7 +20,7 @@ from typing import Any
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "train_golden.json"
-TIMING_PREFIXES = ("time/", "step_time", "tokens_per_s")
+TIMING_PREFIXES = ("time/", "step_time", "tokens_per_s", "perf/")  # perf/: throughput and MFU, timings too
 
 _BASE = {
     "run": {"max_steps": 4},
