@@ -268,11 +268,11 @@ class Sampler:
                  f"{self.context} less max_new_tokens {max_new_tokens}); each was cut to its last {enc.limit} tokens")
         return enc.ids
 
-    def sample_ids(self, prompt_ids: list[list[int]], params) -> list[list[Sample]]:
+    def sample_ids(self, prompt_ids: list[list[int]], params, streamer: Any = None) -> list[list[Sample]]:
         """``params.n`` completions for each prompt (token ids in, decoded Samples out)."""
         from apo_cli.sampling import sample_groups
 
-        s = sample_groups(self.backend, self.tok, prompt_ids, params)
+        s = sample_groups(self.backend, self.tok, prompt_ids, params, streamer)
         n = params.n
         return [
             [Sample(i, j, s.texts[i * n + j], s.completions[i * n + j].finish_reason, list(s.completions[i * n + j].ids))
@@ -293,8 +293,7 @@ class Sampler:
 
         streamer = _Streamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         # a backend that can stream (the CPU sampler, also the GPU backend's rollout: hf) feeds it
-        c = self.backend.generate([prompt_ids], params, streamer=streamer)[0][0]
-        sample = Sample(0, 0, self.tok.decode(c.ids, skip_special_tokens=True), c.finish_reason, list(c.ids))
+        sample = self.sample_ids([prompt_ids], params, streamer)[0][0]
         if not written:  # a backend that does not stream (vLLM): print it whole
             write(sample.completion)
         return sample

@@ -51,8 +51,10 @@ class Sampled:
     texts: list[str]  # decoded, special tokens skipped
 
 
-def sample_groups(backend: Any, tok: Any, prompt_ids: list[list[int]], params: Any) -> Sampled:
-    groups = backend.generate(prompt_ids, params)
+def sample_groups(backend: Any, tok: Any, prompt_ids: list[list[int]], params: Any, streamer: Any = None) -> Sampled:
+    """``streamer`` (one prompt, ``params.n == 1``): fed each token as it is sampled, where the backend can."""
+    groups = backend.generate(prompt_ids, params, streamer=streamer) if streamer is not None else \
+        backend.generate(prompt_ids, params)
     flat = [c for g in groups for c in g]
     return Sampled(flat, [tok.decode(c.ids, skip_special_tokens=True) for c in flat])
 
