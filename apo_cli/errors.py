@@ -14,9 +14,10 @@ from typing import NoReturn
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_USAGE = 2  # bad recipe, bad override, bad command-line input
+EXIT_USAGE = 2  # bad input: a recipe, an override, a command-line argument, a data file
 EXIT_INTERRUPTED = 130  # SIGINT
 EXIT_TERMINATED = 143  # SIGTERM
+EXIT_HANGUP = 129  # SIGHUP (the terminal or SSH session closed); treated like SIGTERM
 
 
 class ApoError(Exception):
@@ -52,7 +53,9 @@ class UsageError(ApoError):
 
 
 class DataError(ApoError):
-    """A dataset, a row or a column that cannot be used."""
+    """A dataset, a row or a column that cannot be used: bad input, like a bad recipe."""
+
+    exit_code = EXIT_USAGE
 
 
 class ModelError(ApoError):
@@ -124,14 +127,14 @@ def run_cli(fn: Callable[[], object]) -> None:
         if debug_enabled():
             raise
         fail(e)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or a signal's apo_cli.runtime.signals.Stopped
         if debug_enabled():
             raise
         from apo_cli.runtime.ranks import other_rank
 
         if other_rank() is None:  # under torchrun, once
-            print("interrupted", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+            print(e.line() if hasattr(e, "line") else "interrupted", file=sys.stderr)
+        raise SystemExit(getattr(e, "exit_code", EXIT_INTERRUPTED)) from None
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         if debug_enabled():
             raise
@@ -140,6 +143,10 @@ def run_cli(fn: Callable[[], object]) -> None:
         if debug_enabled():
             raise
         fail(_wrapped(ApoError(f"{type(e).__name__}: {e}"), e))
+    except MemoryError:
+        if debug_enabled():
+            raise
+        fail(ApoError("out of memory (MemoryError)", hint="APO_DEBUG=1 shows where"))
 
 
 def _wrapped(error: ApoError, cause: BaseException) -> ApoError:

@@ -250,8 +250,10 @@ class ModelResult:
 def evaluate(model: ResolvedModel, task: EvalTask, settings: EvalSettings, *, backend: str = "cpu",
              advance: Callable[[int], None] = lambda n: None, use_cache: bool = True) -> ModelResult:
     """Sample and score every problem of ``task`` with ``model`` (reusing the cache where it can)."""
+    from apo_cli.errors import ApoError
     from apo_cli.rewards import RewardSet
 
+    still_there(model)  # before its cache key (a pruned checkpoint has no checksums left to key on)
     key = cache_key(model, task, settings)
     path = cache_path(model, key)
     done = read_cache(path) if use_cache else {}
@@ -261,7 +263,11 @@ def evaluate(model: ResolvedModel, task: EvalTask, settings: EvalSettings, *, ba
     advance(cached)
     if todo:
         rewards = RewardSet(task.rewards)
-        sampler = Sampler(model, backend, chat_template=task.spec.chat_template, system=task.spec.system_prompt)
+        try:
+            sampler = Sampler(model, backend, chat_template=task.spec.chat_template, system=task.spec.system_prompt)
+        except ApoError:
+            still_there(model)  # removed while it was loading: say so, not what loading a missing folder says
+            raise
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with path.open("a", encoding="utf-8") as cache:
@@ -274,6 +280,17 @@ def evaluate(model: ResolvedModel, task: EvalTask, settings: EvalSettings, *, ba
         finally:
             sampler.close()
     return ModelResult(model, key, [done[p] for p in positions], cached)
+
+
+def still_there(model: ResolvedModel) -> None:
+    """CheckpointError when a checkpoint listed for evaluation is gone (checkpoint.keep_last of a
+    training still running prunes the older ones while they wait their turn)."""
+    from apo_cli.errors import CheckpointError
+
+    if model.kind == "checkpoint" and not Path(model.path).is_dir():
+        raise CheckpointError(f"checkpoint {model.path} is gone: it was removed after apo eval listed it "
+                              "(checkpoint.keep_last of a running training prunes older checkpoints)",
+                              hint="evaluate the run's current checkpoints, or raise keep_last")
 
 
 def sample_problems(sampler: Any, rewards: Any, task: EvalTask, settings: EvalSettings) -> list[ProblemResult]:

@@ -3,6 +3,7 @@ included, are apo_cli/tracking/)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -21,6 +22,20 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def open_append(path: Path) -> TextIO:
+    """``path`` opened to append text; never through a symbolic link (OSError ELOOP), so a dangling
+    or planted link cannot make a run write outside its directory."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def why_not_written(path: Path, e: OSError) -> str:
+    """Why ``path`` could not be written, for a one-line error."""
+    if e.errno == errno.ELOOP or Path(path).is_symlink():
+        return "it is a symbolic link (apo writes only inside the run directory)"
+    return e.strerror or str(e)
+
+
 class MetricsWriter:
     """Appends one JSON object per step; flushed and fsynced so a kill loses at most the current line."""
 
@@ -36,31 +51,38 @@ class MetricsWriter:
         clean = {k: _clean(v) for k, v in record.items()}
         try:
             if self._fh is None:
-                self._fh = self.path.open("a", encoding="utf-8")
+                self._fh = open_append(self.path)
             self._fh.write(json.dumps(clean) + "\n")
             self._fh.flush()
             os.fsync(self._fh.fileno())
         except OSError as e:
-            raise RunDirError(f"cannot write {self.path}: {e.strerror or e}") from None
+            self.close()  # the unwritten line must not be flushed again (and fail again, unnamed) on close
+            raise RunDirError(f"cannot write {self.path}: {why_not_written(self.path, e)}") from None
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:  # a line that could not be written (a full disk): its write already failed, named
+                pass
 
 
-def truncate_jsonl_after(path: Path, step: int) -> None:
-    """Keep only the lines of ``path`` whose ``step`` is <= ``step`` (and drop broken lines), atomically.
-
-    A kill while a line was being appended leaves a partial last line; it is dropped here too.
-    """
+def truncate_jsonl_after(path: Path, step: int) -> list[int]:
+    """Keep only the lines of ``path`` whose ``step`` is <= ``step``, atomically; return the numbers
+    of the broken lines dropped too (a kill while a line was appended leaves a partial last one)."""
     path = Path(path)
     if not path.exists():
-        return
+        return []
     from apo_cli.checkpoint import atomic_write_text
 
-    kept = [r for r in read_metrics(path, warn=None) if _step(r) <= step]
+    torn: list[int] = []
+    rows = read_metrics(path, warn=None, broken=torn)
+    kept = [r for r in rows if _step(r) <= step]
+    if not torn and len(kept) == len(rows):  # nothing to drop: leave the file as it is
+        return []
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return torn
 
 
 def _step(record: dict[str, Any]) -> int:
@@ -70,8 +92,9 @@ def _step(record: dict[str, Any]) -> int:
         return 0
 
 
-def read_metrics(path: Path, warn=print) -> list[dict[str, Any]]:
-    """Read a metrics.jsonl; a truncated or broken line is skipped and ``warn`` is told its number."""
+def read_metrics(path: Path, warn=print, broken: list[int] | None = None) -> list[dict[str, Any]]:
+    """Read a metrics.jsonl; a truncated or broken line is skipped, ``warn`` is told its number and
+    ``broken`` gets it."""
     out = []
     with Path(path).open(encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
@@ -79,10 +102,13 @@ def read_metrics(path: Path, warn=print) -> list[dict[str, Any]]:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
+                rec = None
+            if not isinstance(rec, dict):
                 if warn is not None:
                     warn(f"{path}:{n}: skipping a truncated or malformed metrics line")
+                if broken is not None:
+                    broken.append(n)
                 continue
-            if isinstance(rec, dict):
-                out.append(rec)
+            out.append(rec)
     return out

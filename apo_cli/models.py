@@ -188,8 +188,18 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/") and Path(name).exists() or Path(name).exists()
 
 
+def _check_remote_code(name_or_path: str, trust_remote_code: bool) -> None:
+    """A model's own Python code runs only with the user's opt-in (see :mod:`apo_cli.trust`)."""
+    if trust_remote_code:
+        from apo_cli.trust import require
+
+        require([f"model.trust_remote_code: true runs the Python code of {name_or_path!r}"])
+
+
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+
+    _check_remote_code(name_or_path, trust_remote_code)
 
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
@@ -217,6 +227,8 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    _check_remote_code(name_or_path, trust_remote_code)
+
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise ModelError(f"model path {name_or_path} does not exist")
     if Path(name_or_path).is_dir() and not (Path(name_or_path) / "config.json").exists():
@@ -235,6 +247,9 @@ def load_model(
     except ValueError as e:
         raise ModelError(f"cannot load model {name_or_path!r}: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - e.g. safetensors' SafetensorError on a corrupted weights file
+        if type(e).__name__ == "UnpicklingError":  # torch.load(weights_only=True) met code in a pickled .bin
+            raise ModelError(f"cannot load model {name_or_path!r}: its pickled weights (.bin) hold objects other "
+                             "than tensors, which apo refuses to unpickle (use safetensors weights)") from None
         if type(e).__name__ not in ("SafetensorError", "HeaderTooLarge", "RuntimeError", "EOFError"):
             raise
         raise ModelError(f"cannot load model {name_or_path!r}: corrupted weights ({_first_line(e)})") from None

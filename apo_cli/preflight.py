@@ -139,8 +139,12 @@ def _answer_completions(example: Example) -> tuple[str, str]:
 def _check_rewards(recipe: Recipe, rows: list[Example], findings: list[Finding]) -> None:
     from apo_cli.rewards import RewardSet
 
+    from apo_cli.trust import TrustError
+
     try:
         rewards = RewardSet(list(recipe.rewards))
+    except TrustError:
+        raise  # not a finding about the recipe: the user has not allowed its code to run
     except ApoError as e:
         findings.append(Finding("error", f"rewards: {e}"))
         return

@@ -49,7 +49,7 @@ from apo_cli.algo.spec import (
 from apo_cli.data.spec import DataSpec
 from apo_cli.errors import RecipeError
 from apo_cli.model_spec import LoraSpec, ModelSpec
-from apo_cli.recipe_yaml import Loc, Positions, dotted, parse_yaml, recipe_to_yaml
+from apo_cli.recipe_yaml import Loc, Positions, check_size, dotted, load_value, parse_yaml, recipe_to_yaml
 from apo_cli.rewards.spec import RewardSpec, check_rewards, reward_names
 from apo_cli.spec import Section
 from apo_cli.train.spec import CheckpointSpec, EvalSpec, LoggingSpec, OptimSpec, RolloutSpec, RunSpec
@@ -113,6 +113,9 @@ class Recipe(Section):
         return Path(self.run.output_dir or f"runs/{self.run.name}")
 
 
+MAX_SEQUENCES_PER_STEP = 2**20  # prompts_per_step × group_size
+
+
 def cross_field_problems(r: Recipe) -> list[tuple[tuple[str, ...], str]]:
     """Rules that span sections, as (location of the field to change, message stating the rule)."""
     out: list[tuple[tuple[str, ...], str]] = []
@@ -130,6 +133,10 @@ def cross_field_problems(r: Recipe) -> list[tuple[tuple[str, ...], str]]:
         out.append((("optim", "micro_batch_size"),
                     f"micro-batches must tile a mini-batch: {p // mb} prompts × {g} completions = {(p // mb) * g} "
                     f"sequences is not divisible by optim.micro_batch_size={micro}"))
+    if p * g > MAX_SEQUENCES_PER_STEP:
+        out.append((("rollout", "prompts_per_step"),
+                    f"a step may sample at most {MAX_SEQUENCES_PER_STEP:,} sequences: rollout.prompts_per_step={p} × "
+                    f"rollout.group_size={g} = {p * g:,}"))
     out += unused_param_problems(r.algorithm)
     out += _eval_problems(r)
     return out
@@ -312,9 +319,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             value: Any = raw
         else:
             try:
-                value = yaml.safe_load(raw) if raw.strip() else ""
+                value = load_value(raw) if raw.strip() else ""
             except yaml.YAMLError as e:
                 problems.append(f"override {item!r}: value is not valid YAML ({getattr(e, 'problem', e)})")
+                continue
+            except ValueError as e:
+                problems.append(f"override {item!r}: {key}: {e}")
                 continue
         node: Any = data
         for part in path[:-1]:
@@ -363,6 +373,9 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", positions: 
     """Validate a recipe mapping; every problem is reported at once, each where it comes from."""
     positions = positions or Positions()
     overridden = overridden or {}
+    huge = _out_of_range(data)
+    if huge:
+        raise RecipeError(source, _place(huge, positions, overridden))
     try:
         recipe = Recipe.model_validate(data, context={"defer_rules": True})
     except ValidationError as e:
@@ -384,6 +397,18 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", positions: 
     return recipe
 
 
+INT_RANGE = (-(2**63), 2**63 - 1)  # what torch, numpy and the backends take as an integer
+
+
+def _out_of_range(value: Any, loc: Loc = ()) -> list[tuple[Loc, str]]:
+    """Integers anywhere in the recipe (kwargs included) outside a signed 64-bit integer."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        text = str(value) if len(str(value)) <= 24 else f"{str(value)[:12]}… ({len(str(value))} digits)"
+        return [(loc, f"integer {text} is out of range (a recipe's integers must lie between -2**63 and 2**63-1)")]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    return [p for k, v in items for p in _out_of_range(v, (*loc, k))]
+
+
 def _warn(text: str) -> None:
     import sys
 
@@ -395,6 +420,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     source = str(path)
     try:
+        if path.is_file():
+            check_size(path.stat().st_size, source)
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(source, ["recipe file not found"]) from None

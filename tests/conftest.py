@@ -11,6 +11,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# the tests' own reward files are trusted code; tests/test_security.py removes this to check the gate
+os.environ["APO_TRUST_CODE"] = "1"
 # built-in models (the tiny random model, the converted SmolLM2) are cached here for the session
 if "APO_CACHE" not in os.environ:
     import tempfile

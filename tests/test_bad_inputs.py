@@ -119,6 +119,29 @@ def _corrupt_checkpoint(env: Env, name: str) -> str:
     return str(ck)
 
 
+def _pickled_bin_model(env: Env) -> str:
+    """The tiny model with its weights as a pickled pytorch_model.bin that also holds a code-running object."""
+    import torch
+    from safetensors.torch import load_file
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(env.tmp / "pwned"), "w"))
+
+    m = Path(env.model_copy("m"))
+    state = {**load_file(m / "model.safetensors"), "evil": Evil()}
+    (m / "model.safetensors").unlink()
+    torch.save(state, m / "pytorch_model.bin")
+    return str(m)
+
+
+def _recipes_through_a_dangling_link(env: Env) -> list[str]:
+    (env.tmp / "elsewhere").mkdir()
+    link = env.tmp / "mine.yaml"
+    link.symlink_to(env.tmp / "elsewhere" / "target.yaml")
+    return ["recipes", "quickstart", str(link)]
+
+
 def _python_tag_run_dir(env: Env) -> list[str]:
     env.run.mkdir()
     (env.run / "recipe.yaml").write_text(f"!!python/object/apply:os.system ['touch {env.tmp}/pwned']\n")
@@ -169,59 +192,82 @@ CASES = [
          ("{tmp}/no_tok",)),
     Case("tokenizer_json_garbage", lambda e: e.train(_set("model.name_or_path", e.model_copy("m", write={"tokenizer.json": b"{oops"}))),
          1, ("{tmp}/m", "tokenizer")),
+    Case("model_pickled_bin_with_code", lambda e: e.train(_set("model.name_or_path", _pickled_bin_model(e))), 1,
+         ("cannot load model '{tmp}/m'", "pickled weights (.bin) hold objects other than tensors")),
     Case("lora_unknown_target_module", lambda e: e.train(_set("model.lora", {"target_modules": ["no_such_proj"]})), 1,
          ("no_such_proj",)),
-    Case("chat_template_on_without_one", lambda e: e.train(_set("data.chat_template", "on")), 1,
+    Case("chat_template_on_without_one", lambda e: e.train(_set("data.chat_template", "on")), 2,
          ("has no chat template", "data.chat_template")),
     # ---- apo train: the data ---------------------------------------------------------------------
-    Case("data_file_missing", lambda e: e.train(_set("data.source", str(e.tmp / "nope.jsonl"))), 1,
+    Case("data_file_missing", lambda e: e.train(_set("data.source", str(e.tmp / "nope.jsonl"))), 2,
          ("data file not found", "{tmp}/nope.jsonl")),
-    Case("data_file_wrong_extension", lambda e: e.train(_data("prompts.txt")), 1, ("{bad}/data/prompts.txt",)),
-    Case("data_file_wrong_extension_says_so", lambda e: e.train(_data("prompts.txt")), 1,
+    Case("data_file_wrong_extension", lambda e: e.train(_data("prompts.txt")), 2, ("{bad}/data/prompts.txt",)),
+    Case("data_file_wrong_extension_says_so", lambda e: e.train(_data("prompts.txt")), 2,
          ("{bad}/data/prompts.txt", "unsupported file type")),
     Case("data_source_is_a_folder", lambda e: e.train(_set("data.source", str((e.tmp / "dir.jsonl").mkdir() or e.tmp / "dir.jsonl"))),
-         1, ("data file not found", "{tmp}/dir.jsonl")),
-    Case("jsonl_malformed_line", lambda e: e.train(_data("malformed_line3.jsonl")), 1,
+         2, ("data file not found", "{tmp}/dir.jsonl")),
+    Case("jsonl_malformed_line", lambda e: e.train(_data("malformed_line3.jsonl")), 2,
          ("malformed_line3.jsonl: line 3: invalid JSON",)),
-    Case("jsonl_line_not_an_object", lambda e: e.train(_data("not_an_object_line2.jsonl")), 1,
+    Case("jsonl_line_not_an_object", lambda e: e.train(_data("not_an_object_line2.jsonl")), 2,
          ("not_an_object_line2.jsonl: line 2: expected a JSON object, got list",)),
-    Case("jsonl_missing_prompt_column", lambda e: e.train(_data("missing_prompt_row2.jsonl")), 1,
+    Case("jsonl_missing_prompt_column", lambda e: e.train(_data("missing_prompt_row2.jsonl")), 2,
          ("missing_prompt_row2.jsonl: row 2 has no column 'prompt' (data.prompt_column)",)),
-    Case("jsonl_missing_answer_column", lambda e: e.train(_data("missing_answer_row1.jsonl")), 1,
+    Case("jsonl_missing_answer_column", lambda e: e.train(_data("missing_answer_row1.jsonl")), 2,
          ("missing_answer_row1.jsonl: row 1 has no column 'answer' (data.answer_column)",)),
-    Case("mapped_prompt_column_missing", lambda e: e.train(_data("good.jsonl", prompt_column="question")), 1,
+    Case("mapped_prompt_column_missing", lambda e: e.train(_data("good.jsonl", prompt_column="question")), 2,
          ("good.jsonl: row 0 has no column 'question' (data.prompt_column)",)),
-    Case("mapped_answer_column_missing", lambda e: e.train(_data("good.jsonl", answer_column="solution")), 1,
+    Case("mapped_answer_column_missing", lambda e: e.train(_data("good.jsonl", answer_column="solution")), 2,
          ("good.jsonl: row 0 has no column 'solution' (data.answer_column)",)),
-    Case("extra_column_missing", lambda e: e.train(_data("good.jsonl", extra_columns=["difficulty"])), 1,
+    Case("extra_column_missing", lambda e: e.train(_data("good.jsonl", extra_columns=["difficulty"])), 2,
          ("good.jsonl: row 0 has no column 'difficulty' (data.extra_columns)",)),
-    Case("empty_prompt", lambda e: e.train(_data("empty_prompt_row1.jsonl")), 1,
+    Case("empty_prompt", lambda e: e.train(_data("empty_prompt_row1.jsonl")), 2,
          ("empty_prompt_row1.jsonl: row 1: column 'prompt' (data.prompt_column) is empty",)),
-    Case("empty_data_file", lambda e: e.train(_data("empty.jsonl")), 1, ("empty.jsonl: no rows",)),
-    Case("json_not_a_list", lambda e: e.train(_data("not_a_list.json")), 1, ("not_a_list.json: expected a list",)),
-    Case("json_invalid", lambda e: e.train(_data("invalid_line3.json")), 1, ("invalid_line3.json: line 3: invalid JSON",)),
-    Case("json_row_not_an_object", lambda e: e.train(_data("row1_not_object.json")), 1,
+    Case("empty_data_file", lambda e: e.train(_data("empty.jsonl")), 2, ("empty.jsonl: no rows",)),
+    Case("json_not_a_list", lambda e: e.train(_data("not_a_list.json")), 2, ("not_a_list.json: expected a list",)),
+    Case("json_invalid", lambda e: e.train(_data("invalid_line3.json")), 2, ("invalid_line3.json: line 3: invalid JSON",)),
+    Case("json_row_not_an_object", lambda e: e.train(_data("row1_not_object.json")), 2,
          ("row1_not_object.json: row 1: expected an object, got int",)),
-    Case("csv_missing_prompt_column", lambda e: e.train(_data("no_prompt_column.csv")), 1,
+    Case("csv_missing_prompt_column", lambda e: e.train(_data("no_prompt_column.csv")), 2,
          ("no_prompt_column.csv: row 0 has no column 'prompt'",)),
-    Case("data_not_utf8", lambda e: e.train(_data("latin1.jsonl")), 1, ("latin1.jsonl: not UTF-8",)),
-    Case("parquet_corrupt", lambda e: e.train(_data("corrupt.parquet")), 1, ("corrupt.parquet: cannot read parquet file",)),
-    Case("filter_column_missing", lambda e: e.train(_data("good.jsonl", filters={"level": 3})), 1,
+    Case("data_not_utf8", lambda e: e.train(_data("latin1.jsonl")), 2, ("latin1.jsonl: not UTF-8",)),
+    Case("parquet_corrupt", lambda e: e.train(_data("corrupt.parquet")), 2, ("corrupt.parquet: cannot read parquet file",)),
+    Case("filter_column_missing", lambda e: e.train(_data("good.jsonl", filters={"level": 3})), 2,
          ("good.jsonl: row 0 has no column 'level' (used in data.filters)",)),
-    Case("filter_matches_nothing", lambda e: e.train(_data("good.jsonl", filters={"topic": "division"})), 1,
+    Case("filter_matches_nothing", lambda e: e.train(_data("good.jsonl", filters={"topic": "division"})), 2,
          ("good.jsonl: no row of 2 matches data.filters", "'products'")),
-    Case("eval_fraction_with_one_row", lambda e: e.train(_data("one_row.jsonl", eval_fraction=0.5)), 1,
+    Case("eval_fraction_with_one_row", lambda e: e.train(_data("one_row.jsonl", eval_fraction=0.5)), 2,
          ("one_row.jsonl: data.eval_fraction=0.5 needs at least 2 rows",)),
-    Case("prompt_template_unknown_column", lambda e: e.train(_set("data.prompt_template", "Q: {question}")), 1,
+    Case("prompt_template_unknown_column", lambda e: e.train(_set("data.prompt_template", "Q: {question}")), 2,
          ("data.prompt_template uses {question}",)),
-    Case("unknown_builtin_task", lambda e: e.train(_set("data.source", "builtin:no_such_task")), 1,
+    Case("unknown_builtin_task", lambda e: e.train(_set("data.source", "builtin:no_such_task")), 2,
          ("unknown builtin task 'no_such_task'",)),
-    Case("task_kwargs_on_a_file", lambda e: e.train(_all(_data("good.jsonl"), _set("data.task_kwargs", {"level": 2}))), 1,
+    Case("task_kwargs_on_a_file", lambda e: e.train(_all(_data("good.jsonl"), _set("data.task_kwargs", {"level": 2}))), 2,
          ("data.task_kwargs applies to builtin: tasks only", "good.jsonl")),
-    Case("arithmetic_level_out_of_range", lambda e: e.train(_set("data.task_kwargs", {"level": 99})), 1,
+    Case("arithmetic_level_out_of_range", lambda e: e.train(_set("data.task_kwargs", {"level": 99})), 2,
          ("data.task_kwargs.level must be one of 1..5 (got 99)",)),
-    Case("arithmetic_unknown_kwarg", lambda e: e.train(_set("data.task_kwargs", {"bogus": 1})), 1,
+    Case("arithmetic_unknown_kwarg", lambda e: e.train(_set("data.task_kwargs", {"bogus": 1})), 2,
          ("data.task_kwargs has unknown key 'bogus'",)),
+    Case("csv_row_with_an_extra_field", lambda e: e.train(_data("ragged_line3.csv")), 2,
+         ("ragged_line3.csv: line 3: 3 fields, but the header has 2 (prompt, answer)",)),
+    Case("csv_row_missing_a_field", lambda e: e.train(_data("short_line3.csv")), 2,
+         ("short_line3.csv: line 3: 1 field, but the header has 2",)),
+    Case("prompt_is_a_number", lambda e: e.train(_data("prompt_number_row1.jsonl")), 2,
+         ("prompt_number_row1.jsonl: row 1: column 'prompt' (data.prompt_column) holds a number (42), not text",)),
+    Case("prompt_is_an_object", lambda e: e.train(_data("prompt_object_row1.jsonl")), 2,
+         ("prompt_object_row1.jsonl: row 1: column 'prompt' (data.prompt_column) holds an object",
+          "a chat prompt is a list of such messages")),
+    Case("prompt_is_a_boolean", lambda e: e.train(_data("prompt_bool_row0.jsonl")), 2,
+         ("prompt_bool_row0.jsonl: row 0: column 'prompt' (data.prompt_column) holds a boolean (True)",)),
+    Case("prompt_is_nan", lambda e: e.train(_data("prompt_nan_row1.json")), 2,
+         ("prompt_nan_row1.json: row 1: column 'prompt' (data.prompt_column) is empty",)),
+    Case("chat_message_without_content", lambda e: e.train(_data("chat_message_without_content_row0.jsonl")), 2,
+         ("chat_message_without_content_row0.jsonl: row 0: column 'prompt' (data.prompt_column) holds a list whose "
+          "item 1 is an object without 'role' and 'content'",)),
+    Case("chat_prompt_without_a_user_message", lambda e: e.train(_data("chat_without_user_row0.jsonl")), 2,
+         ("chat_without_user_row0.jsonl: row 0", "no 'user' message")),
+    Case("chat_prompts_for_a_tokenizer_without_a_chat_template", lambda e: e.train(_data("chat_prompts.jsonl")), 2,
+         ("{bad}/data/chat_prompts.jsonl: row ", "is a chat prompt", "needs a chat template",
+          "the tokenizer of ")),
     # ---- apo train: the rewards ------------------------------------------------------------------
     Case("reward_file_missing", lambda e: e.train(_reward(f"{e.tmp}/nope.py:score")), 1,
          ("reward '{tmp}/nope.py:score': file not found",)),
@@ -236,9 +282,9 @@ CASES = [
          ("raises_on_import.py failed: RuntimeError: the reward server is not configured",)),
     Case("builtin_reward_unknown_kwarg", lambda e: e.train(_reward("exact_match", kwargs={"tolerance": 0.1})), 1,
          ("reward exact_match: unknown kwargs key 'tolerance'",)),
-    Case("reward_fails_on_every_sample", lambda e: e.train(_reward(f"{TOY}:explode")), 1,
+    Case("reward_fails_on_every_sample", lambda e: e.train(_reward(f"{TOY}:explode")), 2,
          ("reward explode failed on all 16 samples", "this reward always fails")),
-    Case("reward_returns_strings", lambda e: e.train(_reward(f"{TOY}:wrong_type")), 1,
+    Case("reward_returns_strings", lambda e: e.train(_reward(f"{TOY}:wrong_type")), 2,
          ("reward wrong_type failed on all 16 samples", "returned str '0.5' for completion 0")),
     # ---- apo train: run directories, resume, checkpoints ----------------------------------------
     Case("run_dir_holds_another_recipes_run",
@@ -253,9 +299,9 @@ CASES = [
          lambda e: (e.copy_run(), e.train(_set("rollout.temperature", 0.5), "--resume", "--output-dir", str(e.run)))[1], 1,
          ("cannot change on resume: rollout.temperature",)),
     Case("resume_allowing_changes_still_refuses_unsafe_ones",
-         lambda e: (e.copy_run(), e.train(_set("optim.lr", 1.0), "--resume", "--allow-recipe-change",
+         lambda e: (e.copy_run(), e.train(_set("optim.warmup_steps", 5), "--resume", "--allow-recipe-change",
                                           "--output-dir", str(e.run)))[1], 1,
-         ("cannot change on resume: optim.lr",)),
+         ("cannot change on resume: optim.warmup_steps",)),
     Case("resume_from_missing", lambda e: e.train(None, "--resume-from", str(e.tmp / "step-9")), 1,
          ("checkpoint {tmp}/step-9 does not exist",)),
     Case("resume_from_a_file", lambda e: e.train(None, "--resume-from", str(e.file("ck.txt", "x"))), 1,
@@ -286,10 +332,10 @@ CASES = [
          ("cannot create run directory {tmp}/f/run: {tmp}/f is a file",)),
     Case("metrics_file_is_a_folder",
          lambda e: ((e.tmp / "run/metrics.jsonl").mkdir(parents=True), e.train(None, "--output-dir", str(e.run)))[1], 1,
-         ("{run}/metrics.jsonl", "Is a directory")),
+         ("run directory {run} is not empty and holds no apo run (no recipe.yaml): metrics.jsonl",)),
     Case("checkpoints_is_a_file",
          lambda e: (e.file("run/checkpoints", "x"), e.train(None, "--output-dir", str(e.run)))[1], 1,
-         ("cannot write a checkpoint in {run}/checkpoints",)),
+         ("run directory {run} is not empty and holds no apo run (no recipe.yaml): checkpoints",)),
     # ---- apo train: the recipe file itself (parsing is covered by tests/bad_recipes) -------------
     Case("recipe_file_missing", lambda e: ["train", str(e.tmp / "nope.yaml")], 2, ("{tmp}/nope.yaml", "recipe file not found")),
     Case("recipe_is_a_folder", lambda e: ["train", str(e.tmp)], 2, ("{tmp}", "is a directory")),
@@ -317,12 +363,15 @@ CASES = [
     Case("eval_reward_without_data", _eval("{trained}", "--reward", "exact_match"), 2, ("--reward", "--data")),
     Case("eval_fewer_samples_than_k", _eval("{trained}", "--data", "{bad}/data/good.jsonl", "-k", "4", "-n", "2"), 2,
          ("--samples 2", "-k 4")),
-    Case("eval_data_file_missing", _eval("{trained}", "--data", "{tmp}/nope.jsonl"), 1, ("{tmp}/nope.jsonl",)),
-    Case("eval_data_malformed_line", _eval("{trained}", "--data", "{bad}/data/malformed_line3.jsonl"), 1,
+    Case("eval_data_file_missing", _eval("{trained}", "--data", "{tmp}/nope.jsonl"), 2, ("{tmp}/nope.jsonl",)),
+    Case("eval_data_malformed_line", _eval("{trained}", "--data", "{bad}/data/malformed_line3.jsonl"), 2,
          ("malformed_line3.jsonl: line 3: invalid JSON",)),
     Case("eval_unknown_reward", _eval("{trained}", "--data", "{bad}/data/good.jsonl", "--reward", "no_such_reward"), 1,
          ("no_such_reward",)),
     Case("eval_recipe_file_missing", _eval("{trained}", "--recipe", "{tmp}/nope.yaml"), 2, ("{tmp}/nope.yaml",)),
+    # ---- apo recipes ----------------------------------------------------------------------------
+    Case("recipes_copy_through_a_dangling_symlink", _recipes_through_a_dangling_link, 2,
+         ("{tmp}/mine.yaml is a symbolic link (to {tmp}/elsewhere/target.yaml)",)),
     # ---- apo inspect-alpha -----------------------------------------------------------------------
     Case("inspect_a_file_that_is_not_metrics", lambda e: ["inspect-alpha", str(e.file("notes.txt", "hello\n"))], 1,
          ("{tmp}/notes.txt holds no readable step",)),
@@ -549,3 +598,15 @@ def test_recipe_paths_cannot_point_writes_outside_the_run_directory(cli, tmp_pat
     for value in ("../../etc", "a/b", ""):
         recipe = write_recipe(tmp_path, tiny_recipe(tmp_path, "x", run={"name": value}))
         assert cli("validate", str(recipe)).exit_code == 2, value
+
+
+def test_recipes_never_writes_through_a_symlink(cli, tmp_path):
+    """A dangling link would send the copy wherever it points (outside the folder the user named)."""
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "mine.yaml"
+    link.symlink_to(tmp_path / "elsewhere" / "target.yaml")
+    res = cli("recipes", "quickstart", str(link))
+    assert res.exit_code == 2, res.output
+    assert not (tmp_path / "elsewhere" / "target.yaml").exists()
+    assert cli("recipes", "quickstart", str(tmp_path / "plain.yaml")).exit_code == 0
+    assert (tmp_path / "plain.yaml").read_text().startswith("#")

@@ -182,7 +182,7 @@ def test_bad_inputs(cli, run_dir, tmp_path, case):
     recipe.write_text("model: {name_or_path: tiny-random}\n")
     ckpt = str(run_dir / "checkpoints" / "step-1")
     args, code, words = {
-        "no_answer_column": ([ckpt, "--data", str(f)], 1, [str(f), "'answer'"]),
+        "no_answer_column": ([ckpt, "--data", str(f)], 2, [str(f), "'answer'"]),  # a data error: bad input
         "no_eval_split": ([ckpt, "--recipe", str(recipe)], 2, [str(recipe), "no evaluation split"]),
         "unknown_model": (["./no/such/model", "--data", str(f)], 1, ["no/such/model", "does not exist"]),
         "no_match": ([str(tmp_path / "x*")], 2, ["no path matches"]),
@@ -194,3 +194,58 @@ def test_bad_inputs(cli, run_dir, tmp_path, case):
     assert err.startswith("error:") and len(err.splitlines()) == 1, err
     for w in words:
         assert w in err
+
+
+# -- output: progress off a terminal, a table whose model names are whole ------------------------------
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(cli, run_dir, monkeypatch):
+    """Off a terminal the progress bar hides itself; plain lines say what is being evaluated."""
+    monkeypatch.setattr("apo_cli.commands.eval.PLAIN_EVERY_S", 0.0)  # a line at every chunk
+    res = cli("eval", str(run_dir / "checkpoints" / "step-*"), "-k", "2", "--seed", "23", "--batch-size", "1",
+              "--json")
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert lines[0] == "evaluating r/step-1 (1/2): 4 problems"
+    assert any(line.startswith("evaluating r/step-1 (1/2): 2/4 problems, ") and " elapsed, eta " in line
+               for line in lines), lines
+    assert any(line.startswith("evaluated r/step-1 (1/2): 4 problems in ") for line in lines), lines
+    assert any(line.startswith("evaluated r/step-2 (2/2): 4 problems in ") for line in lines), lines
+    json.loads(res.stdout)  # stdout holds the results alone
+    again = cli("eval", str(run_dir / "checkpoints" / "step-1"), "-k", "2", "--seed", "23", "--batch-size", "1")
+    assert again.stderr.splitlines()[0] == "evaluating r/step-1: 4 problems, 4 from the cache"
+
+
+def _records(names: list[str]) -> list[dict]:
+    def metric(v: float) -> dict:
+        return {"value": v, "ci_low": max(0.0, v - 0.1), "ci_high": min(1.0, v + 0.1)}
+
+    return [{"model": name, "problems": 40, "metrics": {"mean@4": metric(0.1 * i), "pass@4": metric(0.2 * i),
+                                                        "maj@4": metric(0.05 * i), "reward": metric(0.3 * i)}}
+            for i, name in enumerate(names, 1)]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_table_never_cuts_the_model_names(capsys, monkeypatch, terminal):
+    """Two checkpoints of a run with a long name differ only at the end of their names: each row must
+    still say which it is (it once read `quickstart/step…` twice), on a narrow terminal too."""
+    import re
+    from types import SimpleNamespace
+
+    from apo_cli.commands.eval import _table
+
+    names = [f"quickstart-with-a-rather-long-run-name/checkpoints/step-{s}" for s in (100, 200)]
+    monkeypatch.setenv("COLUMNS", "70")
+    if terminal:
+        monkeypatch.setenv("FORCE_COLOR", "1")  # rich takes stdout for a terminal
+    _table(_records(names), "builtin:arithmetic [eval]", SimpleNamespace(greedy=False, temperature=1.0, k=4, samples=4))
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "…" not in out, out
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    model_cells = [line.split("│")[1].strip() for line in rows]
+    # a row's name is its cell's lines up to the next row (the metric cells of a row start on its first line)
+    starts = [i for i, line in enumerate(rows) if line.split("│")[2].strip()[:2] in ("0.", "1.")]
+    whole = ["".join(model_cells[a:b]) for a, b in zip(starts, [*starts[1:], len(rows)])]
+    assert whole == names, out
+    if not terminal:  # a file or a pipe: one line per row
+        assert all(name in out for name in names), out

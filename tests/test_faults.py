@@ -361,6 +361,42 @@ def test_metrics_write_failure_is_one_line_and_keeps_checkpoints(tmp_path, cli, 
     assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]
 
 
+def test_full_disk_at_a_metrics_line_names_the_file(tmp_path, cli, monkeypatch):
+    """A real full disk (/dev/full): the line's flush fails, and closing the file flushed the same
+    line again. Before: the second failure replaced the first, "OSError: [Errno 28] No space left on
+    device" without the file."""
+    import apo_cli.metrics as metrics_mod
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    run = tmp_path / "dfull"
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, "dfull", run={"max_steps": 2}))
+    real = metrics_mod.open_append
+    monkeypatch.setattr(metrics_mod, "open_append",
+                        lambda p: open("/dev/full", "a", encoding="utf-8") if p.name == "metrics.jsonl" else real(p))
+    res = cli("train", str(path))
+    assert res.exit_code == 1
+    assert _one_error_line(res.output) == f"error: cannot write {run / 'metrics.jsonl'}: No space left on device"
+
+
+def test_torn_metrics_lines_are_counted_on_resume(tmp_path, cli):
+    """Before: a torn line was dropped silently when the logs were cut back to the checkpoint."""
+    import shutil
+
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, "torn", run={"max_steps": 3}, checkpoint={"every": 2}))
+    assert cli("train", str(path)).exit_code == 0
+    run = tmp_path / "torn"
+    shutil.rmtree(run / "checkpoints/step-3")  # killed after step 3's metrics line, before its checkpoint
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    lines[0] = lines[0][: len(lines[0]) // 2]  # and a line of the log torn
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    res = cli("train", str(path), "--resume")
+    assert res.exit_code == 0, res.output
+    assert "warning: metrics.jsonl: 1 torn or unreadable line dropped (line 1)" in res.output
+    assert [r["step"] for r in _metrics(run)] == [2, 3]
+
+
 def test_unwritable_output_dir_fails_before_loading_the_model(tmp_path, cli, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -462,7 +498,7 @@ def test_reward_hangs_are_time_boxed_isolated_and_counted(tmp_path):
 def test_reward_returning_the_wrong_thing_stops_with_one_line(tmp_path, cli, name, text):
     path = write_recipe(tmp_path, tiny_recipe(tmp_path, name, rewards=_reward(name)))
     res = cli("train", str(path))
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # found by the preflight before training: bad input (README: exit codes)
     line = _one_error_line(res.output)
     assert f"reward {name}" in line and text in line, line
 
@@ -498,7 +534,7 @@ def test_reward_failing_everywhere_after_two_steps_saves_them_and_resume_equals_
 def test_reward_failing_at_the_first_step_saves_nothing(tmp_path, cli):
     path = write_recipe(tmp_path, tiny_recipe(tmp_path, "first", rewards=_reward("explode")))
     res = cli("train", str(path))
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # the preflight's sample step finds it: bad input
     assert "reward explode failed on all 16 samples" in _one_error_line(res.output, reward_traceback=True)
     assert not list_checkpoints(tmp_path / "first")
 
@@ -519,11 +555,14 @@ def test_sigterm_while_loading_exits_143_with_a_message(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c",
                              "import time, apo_cli.train as t\n"
                              "orig = t.Trainer.__init__\n"
-                             "def slow(self, *a, **k):\n    time.sleep(30)\n    orig(self, *a, **k)\n"
+                             "def slow(self, *a, **k):\n    open(sys.argv[2] + '.loading', 'w').close()\n"
+                             "    time.sleep(30)\n    orig(self, *a, **k)\n"
                              "t.Trainer.__init__ = slow\n"
                              "from apo_cli.main import main\nimport sys\nsys.argv = ['apo', 'train', sys.argv[1]]\nmain()\n",
                              str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
+    loading = Path(str(path) + ".loading")  # the run is being built (a fixed sleep could land in the imports)
+    while not loading.exists() and proc.poll() is None:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err

@@ -258,3 +258,23 @@ def test_documented_on_off_values_parse_unquoted(tmp_path, cli, section, key, wo
     path.write_text(f"model:\n  name_or_path: tiny-random\n{section}:\n  {key}: {word}\n", encoding="utf-8")
     result = cli("validate", "-q", str(path))
     assert result.exit_code == 0, result.output
+
+
+def test_an_oversized_recipe_is_refused_before_it_is_parsed(tmp_path, cli):
+    path = tmp_path / "huge.yaml"
+    path.write_text("model:\n  name_or_path: tiny-random\ndata:\n  system_prompt: '" + "x" * 300_000 + "'\n")
+    check_error_block(cli("validate", str(path)), [Expect(text="a recipe may be at most 262,144 bytes")])
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    ("{a: " + "[" * 100 + "]" * 100 + "}", "nested more than 64 levels deep"),
+    ("{a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], " + ", ".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcde", "bcdef")) + "}", "expands to more than"),
+    ("9" * 5000, "out of range (at most 32 digits)"),
+], ids=["deep", "alias-bomb", "5000-digits"])
+def test_override_values_are_under_the_same_caps(tmp_path, cli, value, text):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  name_or_path: tiny-random\n", encoding="utf-8")
+    key = "run.seed" if value.isdigit() else "data.task_kwargs"
+    check_error_block(cli("validate", str(path), f"{key}={value}"),
+                      [Expect(override=f"{key}={value}", field=key, text=text)])

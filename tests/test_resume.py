@@ -119,6 +119,92 @@ def test_changed_recipe_is_refused_unless_the_changes_are_safe_and_allowed(tmp_p
     assert "max_steps: 3" in (tmp_path / "chg/recipe.yaml").read_text()
 
 
+def _optimizer(ck: Path) -> dict:
+    import torch
+
+    return torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("alone", [False, True], ids=["checkpoint_of_a_run", "checkpoint_alone"])
+def test_resume_from_under_a_changed_lr_is_refused_unless_allowed_and_then_applied(tmp_path, cli, base_run, alone):
+    """Before: the fork trained on at the checkpoint's LR (3e-3) while its recipe.yaml said 0.01."""
+    base, recipe = base_run
+    ck = _ckpt(base, 2)
+    if alone:  # no recipe.yaml beside it: what the checkpoint itself records is compared
+        ck = tmp_path / "step-2"
+        shutil.copytree(_ckpt(base, 2), ck)
+    fork = tmp_path / "fork"
+    res = cli("train", str(recipe), "optim.lr=0.01", "optim.weight_decay=0.1", "--resume-from", str(ck),
+              "--output-dir", str(fork))
+    assert res.exit_code == 1
+    line = _one_error_line(res.output)
+    if alone:
+        assert (f"checkpoint {ck} was trained with optim.lr=0.003, optim.weight_decay=0; the recipe says "
+                f"optim.lr=0.01, optim.weight_decay=0.1") in line, line
+    else:
+        assert "the recipe differs from the run's in: optim.lr, optim.weight_decay" in line, line
+    assert "--allow-recipe-change" in line
+    assert not (fork / "recipe.yaml").exists()
+    res = cli("train", str(recipe), "optim.lr=0.01", "optim.weight_decay=0.1", "--resume-from", str(ck),
+              "--output-dir", str(fork), "--allow-recipe-change")
+    assert res.exit_code == 0, res.output
+    assert [(r["step"], r["learning_rate"]) for r in _metrics(fork)] == [(3, 0.01)]
+    opt = _optimizer(_ckpt(fork, 3))
+    assert [g["lr"] for g in opt["optimizer"]["param_groups"]] == [0.01]
+    assert [g["weight_decay"] for g in opt["optimizer"]["param_groups"]] == [0.1]
+    assert opt["lr_scheduler"]["base_lrs"] == [0.01]
+    assert "lr: 0.01" in (fork / "recipe.yaml").read_text()
+    assert not _same_weights(_ckpt(fork, 3), _ckpt(base, 3))  # trained at the new LR
+
+
+def test_resume_under_a_changed_lr_applies_it_with_the_flag(tmp_path, cli, base_run):
+    base, recipe = base_run
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    res = cli("train", str(recipe), "run.max_steps=4", "optim.lr=0.02", "optim.betas=[0.8,0.99]", "--resume",
+              "--output-dir", str(run))
+    assert res.exit_code == 1
+    assert "differs from the run's in: optim.betas, optim.lr, run.max_steps" in _one_error_line(res.output)
+    res = cli("train", str(recipe), "run.max_steps=4", "optim.lr=0.02", "optim.betas=[0.8,0.99]", "--resume",
+              "--allow-recipe-change", "--output-dir", str(run))
+    assert res.exit_code == 0, res.output
+    assert [r["learning_rate"] for r in _metrics(run)] == [3e-3, 3e-3, 3e-3, 0.02]
+    groups = _optimizer(_ckpt(run, 4))["optimizer"]["param_groups"]
+    assert [(g["lr"], tuple(g["betas"])) for g in groups] == [(0.02, (0.8, 0.99))]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grpo")
+    d = tiny_recipe(tmp, "g", run={"max_steps": 1}, algorithm={"objective": "grpo"})
+    train_from_recipe(recipe_from_dict(d))
+    return tmp / "g"
+
+
+@pytest.mark.parametrize("alone", [False, True], ids=["checkpoint_of_a_run", "checkpoint_alone"])
+def test_a_grpo_checkpoint_never_resumes_into_an_apo_run(tmp_path, cli, base_run, grpo_run, alone, monkeypatch):
+    """Before: accepted (the stored objective was never checked). Refused even with the flag."""
+    ck = _ckpt(grpo_run, 1)
+    if alone:
+        ck = tmp_path / "step-1"
+        shutil.copytree(_ckpt(grpo_run, 1), ck)
+    monkeypatch.setattr("apo_cli.models.load_policy", lambda *a, **k: pytest.fail("model loaded"))
+    res = cli("train", str(base_run[1]), "--resume-from", str(ck), "--output-dir", str(tmp_path / "apo"),
+              "--allow-recipe-change")
+    assert res.exit_code == 1
+    line = _one_error_line(res.output)
+    assert f"checkpoint {ck} was trained with algorithm.objective=grpo; the recipe's is apo" in line, line
+    assert "set model.name_or_path to the checkpoint" in line
+
+
+def test_applied_on_resume_names_optimizer_fields_only():
+    from apo_cli.checkpoint import APPLIED_ON_RESUME
+
+    fields = _leaf_paths(recipe_from_dict({"model": {"name_or_path": "m"}}).model_dump(mode="json"))
+    assert set(APPLIED_ON_RESUME) <= fields and all(f.startswith("optim.") for f in APPLIED_ON_RESUME)
+    assert not set(APPLIED_ON_RESUME) & set(SAFE_TO_CHANGE)
+
+
 def _leaf_paths(d: dict, prefix: str = "") -> set[str]:
     out = set()
     for k, v in d.items():
@@ -198,21 +284,103 @@ def test_resume_from_a_corrupted_checkpoint_is_a_one_line_error(tmp_path, cli, b
     assert _one_error_line(res.output) == f"error: checkpoint {ck}: {name} is corrupted (checksum mismatch)"
 
 
-def test_all_checkpoints_corrupted_restarts_from_step_0_and_keeps_its_new_checkpoint(tmp_path, cli, base_run):
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_resume_with_no_intact_checkpoint_refuses_and_changes_nothing(tmp_path, cli, base_run):
+    """Before: exit 0, a silent restart from step 0 that truncated the logs and deleted the (repairable)
+    checkpoints of the later steps. Now: one line saying how to start over on purpose."""
     base, recipe = base_run
     run = tmp_path / "run"
     shutil.copytree(base, run)
     for step in (1, 2, 3):
         _truncate(_ckpt(run, step) / "model.safetensors")
-    res = cli("train", str(recipe), "run.max_steps=1", "checkpoint.keep_last=2", "--resume", "--allow-recipe-change",
-              "--output-dir", str(run))
+    before = _snapshot(run)
+    res = cli("train", str(recipe), "--resume", "--output-dir", str(run))
+    assert res.exit_code == 1
+    line = _one_error_line(res.output)
+    assert line.startswith(f"error: cannot resume {run}: none of its 3 checkpoints can be resumed (the newest: "
+                           f"checkpoint {_ckpt(run, 3)}: model.safetensors is corrupted (checksum mismatch))"), line
+    assert f"to start over on purpose, move {run} away or train into a new --output-dir" in line
+    assert _snapshot(run) == before  # logs, checkpoints and recipe untouched
+
+
+def _rewrite_state(ck: Path, data: bytes | str) -> None:
+    """Replace trainer_state.json and its checksum: the checkpoint verifies, its trainer state is bad."""
+    import hashlib
+
+    data = data.encode() if isinstance(data, str) else data
+    (ck / "trainer_state.json").write_bytes(data)
+    sums = json.loads((ck / "checksums.json").read_text())
+    sums["trainer_state.json"] = hashlib.sha256(data).hexdigest()
+    (ck / "checksums.json").write_text(json.dumps(sums))
+
+
+def _state_with(base: Path, **changes) -> str:
+    ts = json.loads((_ckpt(base, 3) / "trainer_state.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            ts.pop(k)
+        else:
+            ts[k] = v
+    return json.dumps(ts)
+
+
+BAD_STATES = {
+    "not_json": (lambda base: '{"step": 3, "data": ', "trainer_state.json is not valid JSON (line 1 column"),
+    "not_utf8": (lambda base: b"\xff\xfe{", "cannot read trainer_state.json (not UTF-8 text)"),
+    "a_list": (lambda base: "[3]", "trainer_state.json is not valid: a list, not a mapping"),
+    "missing_data": (lambda base: _state_with(base, data=None), "trainer_state.json is not valid: missing data"),
+    "negative_step": (lambda base: _state_with(base, step=-1), "trainer_state.json is not valid: step is -1, must be >= 0"),
+    "step_a_string": (lambda base: _state_with(base, step="3"), "step is '3', not a whole number"),
+    "step_past_the_end": (lambda base: _state_with(base, step=9), "step 9 is past max_steps 3"),
+    "data_pos_negative": (lambda base: _state_with(base, data={"epoch": 0, "pos": -4}), "data.pos is -4, must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_STATES))
+def test_invalid_trainer_state_falls_back_to_the_previous_checkpoint(tmp_path, cli, base_run, kind):
+    """Checksums pass, the trainer state is not valid: skipped like a corrupted checkpoint (before: a
+    traceback, or a negative step resumed that then wrote step--1 folders)."""
+    base, recipe = base_run
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    make, text = BAD_STATES[kind]
+    _rewrite_state(_ckpt(run, 3), make(base))
+    res = cli("train", str(recipe), "--resume", "--output-dir", str(run))
     assert res.exit_code == 0, res.output
-    assert res.output.count("falling back to the previous checkpoint") == 3
-    assert "starting from step 0" in res.output
-    # the new step-1 is kept, and the corrupted later steps of the abandoned run are gone
-    assert [p.name for p in list_checkpoints(run)] == ["step-1"]
-    assert _same_weights(_ckpt(run, 1), _ckpt(base, 1))
-    assert _stable(_metrics(run)) == _stable(_metrics(base))[:1]
+    assert f"checkpoint {_ckpt(run, 3)}: " in res.output and text in res.output, res.output
+    assert f"resumed from {_ckpt(run, 2)} at step 2" in res.output
+    assert _stable(_metrics(run)) == _stable(_metrics(base))
+    assert [p.name for p in list_checkpoints(run)] == ["step-1", "step-2", "step-3"]
+
+
+@pytest.mark.parametrize("kind", ["not_json", "negative_step", "missing_data"])
+def test_resume_from_an_invalid_trainer_state_is_one_line_before_loading(tmp_path, cli, base_run, kind, monkeypatch):
+    base, recipe = base_run
+    ck = tmp_path / "step-3"
+    shutil.copytree(_ckpt(base, 3), ck)
+    make, text = BAD_STATES[kind]
+    _rewrite_state(ck, make(base))
+    monkeypatch.setattr("apo_cli.models.load_policy", lambda *a, **k: pytest.fail("model loaded"))
+    res = cli("train", str(recipe), "--resume-from", str(ck), "--output-dir", str(tmp_path / "new"))
+    assert res.exit_code == 1
+    line = _one_error_line(res.output)
+    assert line.startswith(f"error: checkpoint {ck}: ") and text in line, line
+    assert not (tmp_path / "new").exists()
+
+
+def test_no_valid_trainer_state_anywhere_refuses(tmp_path, cli, base_run):
+    base, recipe = base_run
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    for step in (1, 2, 3):
+        _rewrite_state(_ckpt(run, step), "[]")
+    res = cli("train", str(recipe), "--resume", "--output-dir", str(run))
+    assert res.exit_code == 1
+    assert "none of its 3 checkpoints can be resumed" in _one_error_line(res.output)
+    assert not list(run.rglob("step--*"))
 
 
 @pytest.mark.parametrize("case,text", [
@@ -277,8 +445,10 @@ def test_checkpoint_from_another_model_does_not_fit(tmp_path, cli, base_run):
 def test_prune_drops_later_steps_of_an_abandoned_continuation_and_keeps_the_newest(tmp_path):
     for step in (1, 2, 3, 4, 5):
         _ckpt(tmp_path, step).mkdir(parents=True)
+        (_ckpt(tmp_path, step) / "checksums.json").write_text("{}")  # apo's manifest: apo's to prune
+    (tmp_path / "checkpoints/step-0").mkdir()  # no manifest: not apo's, never removed
     _prune(tmp_path, 3, keep_last=2)  # step-3 was just written after resuming from step-2
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-3"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0", "step-2", "step-3"]
 
 
 def test_checkpoints_are_ordinary_folders_not_private_temp_ones(base_run):

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from apo_cli.commands._common import guarded
+from apo_cli.commands._common import TrustCodeOpt, guarded
 from apo_cli.commands.generate import (
     BackendOpt,
     BatchOpt,
@@ -93,6 +95,7 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
     dump: DumpOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Sample everything again (the cache is rewritten).")] = False,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Score checkpoints on a dataset: mean@k, pass@k and maj@k with 95 % confidence intervals.
 
@@ -111,8 +114,10 @@ def eval_(
 
         apo eval smollm2-135m-instruct --data problems.jsonl --reward math_verify --greedy --dump samples.jsonl
     """
+    from apo_cli import trust
     from apo_cli.evaluation import dump_samples, expand_models, task_from_recipe, task_from_source
 
+    trust.grant(trust_code)
     k, n = _counts(k, samples, greedy, recipe is not None, data is not None, bool(reward))
     resolved = expand_models(list(models), base=base)
     r, recipe_path = _recipe(recipe, data, resolved)
@@ -122,6 +127,7 @@ def eval_(
                                 limit=limit)
     else:
         task = task_from_recipe(r, recipe_path, limit)
+    trust.check_rewards(task.rewards)  # a run directory someone sent brings its recipe's rewards
     settings = _settings(r, k=k, samples=n, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
                          max_new_tokens=max_new_tokens, stop=stop, seed=seed, batch_size=batch_size,
                          pass_threshold=pass_threshold)
@@ -175,22 +181,84 @@ def _settings(r, *, k: int, samples: int, greedy: bool, temperature, top_p, top_
 
 
 def _evaluate_all(resolved, task, settings, backend: str, *, use_cache: bool):
-    """Evaluate each model under one progress bar; each run's checkpoints also land in its eval.jsonl."""
+    """Evaluate each model with :class:`_Progress`; each run's checkpoints also land in its eval.jsonl."""
     from apo_cli.evaluation import append_run_record, evaluate, record
-    from apo_cli.generation import progress
 
     results, records = [], []
-    bar, task_id = progress(len(task.examples) * len(resolved), "evaluating")
-    with bar:
+    with _Progress(len(resolved), len(task.examples)) as shown:
         for m in resolved:
-            bar.update(task_id, description=f"evaluating {m.label}")
-            res = evaluate(m, task, settings, backend=backend, use_cache=use_cache,
-                           advance=lambda c: bar.advance(task_id, c))
+            shown.start(m.label)
+            res = evaluate(m, task, settings, backend=backend, use_cache=use_cache, advance=shown.advance)
+            shown.finish()
             rec = record(res, task, settings)
             append_run_record(res, rec)
             results.append(res)
             records.append(rec)
     return results, records
+
+
+PLAIN_EVERY_S = 30.0  # off a terminal: a progress line at most this often while a model is evaluated
+
+
+class _Progress:
+    """The evaluation's progress on stderr: on a terminal, one bar with the ETA; elsewhere (a log
+    file, CI, nohup), where the bar hides itself, plain lines as `apo train` prints: when a model
+    starts, at most every :data:`PLAIN_EVERY_S` seconds while it runs, and when it is done."""
+
+    def __init__(self, models: int, problems: int):
+        from apo_cli.generation import progress
+
+        self.bar, self.task = progress(models * problems, "evaluating")
+        self.plain = bool(self.bar.disable)
+        self.models, self.problems, self.index = models, problems, 0
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def start(self, label: str) -> None:
+        self.index += 1
+        self.label, self.done, self.cached = label, 0, None
+        self.t0 = self.last = time.monotonic()
+        self.bar.update(self.task, description=f"evaluating {label}")
+
+    def advance(self, n: int) -> None:
+        """``n`` more problems done; the first call of a model counts those its cache held."""
+        self.bar.advance(self.task, n)
+        self.done += n
+        if self.cached is None:
+            self.cached = n
+            from_cache = f", {n} from the cache" if n else ""
+            self._line(f"evaluating {self._name()}: {self.problems} problems{from_cache}")
+        elif self.done < self.problems and time.monotonic() - self.last >= PLAIN_EVERY_S:
+            elapsed = time.monotonic() - self.t0
+            rate = (self.done - self.cached) / elapsed if elapsed > 0 else 0.0
+            eta = f", eta {_duration((self.problems - self.done) / rate)}" if rate > 0 else ""
+            self._line(f"evaluating {self._name()}: {self.done}/{self.problems} problems, "
+                       f"{_duration(elapsed)} elapsed{eta}")
+
+    def finish(self) -> None:
+        self._line(f"evaluated {self._name()}: {self.problems} problems in {_duration(time.monotonic() - self.t0)}")
+
+    def _name(self) -> str:
+        return self.label if self.models == 1 else f"{self.label} ({self.index}/{self.models})"
+
+    def _line(self, text: str) -> None:
+        self.last = time.monotonic()
+        if self.plain:
+            print(text, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _recipe(recipe: Path | None, data: str | None, resolved):
@@ -219,7 +287,19 @@ def _table(records: list[dict], data_label: str, settings) -> None:
     table = Table(title=f"{escape(data_label)}: {records[0]['problems'] if records else 0} problems, "
                         f"k={settings.k}, n={settings.samples}, {mode}",
                   caption="± : 95 % normal-approximation interval over problems; best per column in bold")
-    table.add_column("model")
+    longest = max((len(rec["model"]) for rec in records), default=0)
+    console = Console(highlight=False)
+    if not console.is_terminal:  # a file or a pipe: as wide as the table needs, so that nothing wraps
+        natural = longest + 4 + sum(max(len(name), len("0.000 ±0.000")) + 3 for name in names)
+        console = Console(highlight=False, width=max(console.width, natural))
+    # the column that tells rows apart is never cut: the metric cells wrap (at the ±) first, and the
+    # names fold onto more lines (every character kept) only where the terminal is narrower still
+    metrics_min = sum(max(len(name), len("±0.000")) + 3 for name in names)  # a cell, its padding, a border
+    room = console.width - metrics_min - 4
+    if longest <= room:
+        table.add_column("model", no_wrap=True)
+    else:
+        table.add_column("model", width=max(room, 8), overflow="fold")
     for name in names:
         table.add_column(name, justify="right")
     for rec in records:
@@ -232,4 +312,4 @@ def _table(records: list[dict], data_label: str, settings) -> None:
                 r["metrics"][name]["value"] == best[name] for r in records)
             cells.append(f"[bold green]{text}[/]" if top else text)
         table.add_row(escape(rec["model"]), *cells)
-    Console(highlight=False).print(table)
+    console.print(table)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -65,7 +65,19 @@ def recipes(
     target = dest or Path(f"{key}.yaml")
     if target.is_dir():
         target = target / f"{key}.yaml"
+    _copy_new(found[key], target)
+    typer.echo(f"copied {key} to {target}")
+
+
+def _copy_new(source: Path, target: Path) -> None:
+    """Copy ``source`` to a new file ``target``: never over a file, nor through a symbolic link (even a
+    dangling one, which would write wherever it points); the create is exclusive, so no race either."""
+    if target.is_symlink():
+        raise UsageError(f"{target} is a symbolic link (to {os.readlink(target)}); choose another path")
     if target.exists():
         raise UsageError(f"{target} already exists; choose another path")
-    shutil.copyfile(found[key], target)
-    typer.echo(f"copied {key} to {target}")
+    try:
+        with open(target, "xb") as out:  # O_CREAT | O_EXCL: fails on anything there, a link included
+            out.write(source.read_bytes())
+    except FileExistsError:
+        raise UsageError(f"{target} already exists; choose another path") from None

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from apo_cli.commands._common import OverridesArg, RecipeArg, guarded
+from apo_cli.commands._common import OverridesArg, RecipeArg, TrustCodeOpt, guarded
 
 
 @guarded
@@ -19,9 +19,12 @@ def train(
         Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.")
     ] = None,
     allow_recipe_change: Annotated[
-        bool, typer.Option("--allow-recipe-change", help="On --resume, accept changes to fields that are safe to change.")
+        bool, typer.Option("--allow-recipe-change", help="On --resume or --resume-from, go on under a recipe changed in "
+                           "fields that may change (steps, checkpointing, logging, eval; optim.lr, betas, "
+                           "weight_decay and grad_clip, which then replace the checkpoint's). Others are refused.")
     ] = False,
     output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Run directory (overrides run.output_dir).")] = None,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Train a model with the recipe's objective (APO, GRPO, GSPO, ADPO) on-policy.
 
@@ -35,11 +38,15 @@ def train(
 
         torchrun --standalone --nproc-per-node=8 -m apo_cli train recipe.yaml   (data parallel, docs/gpu.md)
     """
+    from apo_cli import trust
     from apo_cli.recipe import load_recipe, with_values
     from apo_cli.train import train_from_recipe
+
+    trust.grant(trust_code)
 
     r = load_recipe(recipe, list(overrides or []))
     if output_dir is not None:
         r = with_values(r, {"run.output_dir": str(output_dir)})
+    trust.check_recipe(r)  # before the run directory is touched
     train_from_recipe(r, resume=resume or resume_from is not None, resume_from=resume_from,
                       allow_recipe_change=allow_recipe_change)

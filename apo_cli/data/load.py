@@ -5,7 +5,9 @@ Order of operations (the same for every source):
 1. read the rows of ``data.split`` (or of ``data.eval_split`` for ``split="eval"`` on a hub dataset);
 2. keep rows matching ``data.filters`` (a value, or a list of accepted values; values also match by
    their text, so ``level: 3`` matches the CSV cell ``"3"``);
-3. map columns; every kept row is checked, so a missing column fails at load time, naming the row;
+3. map columns; every kept row is checked, so a missing column fails at load time, naming the row.
+   A prompt is text, or a list of chat messages ``[{"role": ..., "content": ...}]`` (a chat prompt,
+   rendered with the tokenizer's chat template); numbers, booleans, objects and NaN are refused;
 4. without ``eval_split``, hold out ``round(eval_fraction × n)`` rows for evaluation. The held-out
    rows are those whose prompt text hashes lowest: the split does not depend on the run seed, the
    row order or ``limit``, so runs with different seeds evaluate on the same problems;
@@ -16,6 +18,8 @@ Order of operations (the same for every source):
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import random
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -45,7 +49,8 @@ def filter_rows(rows: list[dict[str, Any]], filters: dict[str, Any], label: str)
         ok = True
         for col, wanted in filters.items():
             if col not in row:
-                raise DataError(f"{label}: row {i} has no column {col!r} (used in data.filters); columns: {', '.join(row)}")
+                raise DataError(f"{label}: row {i} has no column {col!r} (used in data.filters); "
+                                f"columns: {', '.join(map(str, row))}")
             accepted = wanted if isinstance(wanted, (list, tuple)) else [wanted]
             if not any(_same(row[col], w) for w in accepted):
                 ok = False
@@ -62,8 +67,63 @@ def filter_rows(rows: list[dict[str, Any]], filters: dict[str, Any], label: str)
 
 def _value(row: dict[str, Any], col: str, i: int, field: str, label: str) -> Any:
     if col not in row:
-        raise DataError(f"{label}: row {i} has no column {col!r} (data.{field}); columns: {', '.join(row)}")
+        raise DataError(f"{label}: row {i} has no column {col!r} (data.{field}); columns: {', '.join(map(str, row))}")
     return row[col]
+
+
+def _is_blank(value: Any) -> bool:
+    """None, NaN (a missing value in parquet / pandas) or whitespace-only text."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or \
+        (isinstance(value, str) and not value.strip())
+
+
+_NOT_TEXT = "not text or a list of chat messages ({\"role\": ..., \"content\": ...})"
+
+
+def _messages(raw: list[Any], where: str) -> tuple[dict[str, str], ...]:
+    """A chat prompt's messages, checked: each an object with a text ``role`` and ``content``."""
+    out = []
+    for k, m in enumerate(raw):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            kind = "an object without 'role' and 'content'" if isinstance(m, dict) else _kind(m)
+            raise DataError(f"{where} holds a list whose item {k} is {kind}, {_NOT_TEXT}")
+        if not isinstance(m["role"], str) or not m["role"].strip():
+            raise DataError(f"{where}: message {k}: 'role' must be a name such as 'user' (got {m['role']!r})")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: message {k} ({m['role']}): 'content' must be text (got {_kind(m['content'])})")
+        out.append({key: v for key, v in m.items() if v is not None})  # parquet fills absent keys with None
+    return tuple(out)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _prompt(raw: Any, i: int, col: str, label: str) -> tuple[str, tuple[dict[str, str], ...] | None]:
+    """(prompt text, chat messages or None) of a prompt cell; DataError naming the row for anything else."""
+    where = f"{label}: row {i}: column {col!r} (data.prompt_column)"
+    if _is_blank(raw) or (isinstance(raw, list | tuple) and not raw):
+        raise DataError(f"{where} is empty")
+    if isinstance(raw, str):
+        return raw, None
+    if not isinstance(raw, list | tuple):
+        hint = " (a chat prompt is a list of such messages)" if isinstance(raw, dict) else ""
+        raise DataError(f"{where} holds {_kind(raw)}, {_NOT_TEXT}{hint}")
+    messages = _messages(list(raw), where)
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if not users:
+        raise DataError(f"{where}: the chat messages have no 'user' message")
+    if not users[-1].strip():
+        raise DataError(f"{where}: the last user message is empty")
+    return users[-1], messages
 
 
 def map_rows(kept: list[tuple[int, dict[str, Any]]], spec: DataSpec, auto_columns: list[str],
@@ -71,24 +131,24 @@ def map_rows(kept: list[tuple[int, dict[str, Any]]], spec: DataSpec, auto_column
     """Examples from (source index, row) pairs; errors name the source row index and the column."""
     out = []
     for index, (i, row) in enumerate(kept):
-        prompt = _value(row, spec.prompt_column, i, "prompt_column", label)
-        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
-            raise DataError(f"{label}: row {i}: column {spec.prompt_column!r} (data.prompt_column) is empty")
+        prompt, messages = _prompt(_value(row, spec.prompt_column, i, "prompt_column", label), i,
+                                   spec.prompt_column, label)
         columns = {col: _value(row, col, i, "extra_columns", label) for col in spec.extra_columns}
         columns.update({col: row.get(col) for col in auto_columns if col not in columns})
         answer = None
         if spec.answer_column is not None:
             raw = _value(row, spec.answer_column, i, "answer_column", label)
-            if raw is None or (isinstance(raw, str) and not raw.strip()):
+            if _is_blank(raw):
                 raise DataError(f"{label}: row {i}: column {spec.answer_column!r} (data.answer_column) is empty")
             answer = str(raw)
             columns[spec.answer_column] = raw
-        out.append(Example(index=index, prompt=str(prompt), answer=answer, columns=columns))
+        out.append(Example(index=index, prompt=prompt, answer=answer, columns=columns, messages=messages))
     return out
 
 
 def _hash_rank(example: Example) -> tuple[str, int]:
-    return hashlib.sha256(example.prompt.encode("utf-8")).hexdigest(), example.index
+    text = example.prompt if example.messages is None else json.dumps(example.messages, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest(), example.index
 
 
 def hold_out(examples: list[Example], fraction: float, label: str) -> tuple[list[Example], list[Example]]:

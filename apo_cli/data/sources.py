@@ -106,8 +106,7 @@ def read_file(path: Path) -> list[dict[str, Any]]:
         if suffix == ".json":
             return _read_json(path)
         if suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                return [dict(row) for row in csv.DictReader(f)]
+            return _read_csv(path)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -134,6 +133,25 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV file with a header line; a row with more or fewer fields than the header is an error.
+    A UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped."""
+    rows = []
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return []
+        for row in reader:
+            if not row:
+                continue  # a blank line
+            if len(row) != len(header):
+                raise DataError(f"{path}: line {reader.line_num}: {len(row)} field{'s' if len(row) != 1 else ''}, "
+                                f"but the header has {len(header)} ({', '.join(header)})")
+            rows.append(dict(zip(header, row)))
     return rows
 
 

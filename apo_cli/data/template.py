@@ -6,6 +6,12 @@ With a chat template (``data.chat_template: on``, or ``auto`` and the tokenizer 
 **data.chat_template_kwargs)``, and the loop must tokenize the result with
 ``add_special_tokens=False`` (the template already wrote them). Without one, the text is the user
 message, preceded by ``system_prompt`` and a blank line when a system prompt is set.
+
+A chat prompt (an example with ``messages``: the prompt column held a list of messages) is its
+conversation with the last user message filled into the template (``{prompt}`` is that message), and
+``system_prompt`` first when the conversation has no system message of its own. It needs a chat
+template: without one it is refused (DataError), never flattened into text (except without any
+tokenizer, where the contents joined by blank lines stand in for length estimates).
 """
 
 from __future__ import annotations
@@ -48,14 +54,35 @@ def user_message(example: Example, spec: DataSpec) -> str:
         ) from None
 
 
+def _conversation(example: Example, spec: DataSpec, user: str) -> list[dict[str, Any]]:
+    """A chat prompt's messages, its last user message replaced by ``user`` (the filled template) and
+    ``system_prompt`` put first when the conversation has no system message."""
+    messages = [dict(m) for m in example.messages or ()]
+    last = max(k for k, m in enumerate(messages) if m["role"] == "user")
+    messages[last]["content"] = user
+    if spec.system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": spec.system_prompt})
+    return messages
+
+
 def render_prompt(example: Example, spec: DataSpec, tokenizer: Any) -> str:
     """The full prompt text for ``example`` (chat-templated or plain; see the module docstring)."""
     user = user_message(example, spec)
     if not uses_chat_template(spec, tokenizer):
+        if example.messages is not None and tokenizer is None:  # length estimates (preflight): the texts
+            return "\n\n".join(m["content"] for m in _conversation(example, spec, user))
+        if example.messages is not None:
+            why = "data.chat_template is off" if spec.chat_template == "off" else \
+                f"the tokenizer of {_tokenizer_name(tokenizer)} has none"
+            raise DataError(f"{spec.source}: row {example.index} is a chat prompt (a list of messages), which needs "
+                            f"a chat template, and {why}; use a tokenizer with one, or text prompts")
         return f"{spec.system_prompt}\n\n{user}" if spec.system_prompt else user
-    messages = ([{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []) + [
-        {"role": "user", "content": user}
-    ]
+    if example.messages is not None:
+        messages = _conversation(example, spec, user)
+    else:
+        messages = ([{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []) + [
+            {"role": "user", "content": user}
+        ]
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **spec.chat_template_kwargs

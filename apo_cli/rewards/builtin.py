@@ -182,6 +182,46 @@ def length(completions: list[str], completion_ids: list[list[int]] | None = None
                    for n in _lengths(completions, completion_ids, unit)])
 
 
+def overlong_problem(max_len: Any = None, buffer: Any = None, **_: Any) -> str | None:
+    """The rule the ``overlong`` kwargs break, or None: max_len and buffer are integers, 1 <= max_len,
+    0 <= buffer <= max_len (checked when the recipe is read and again at each call)."""
+    if max_len is None or buffer is None:
+        return "needs kwargs max_len and buffer (in tokens: the penalty starts at max_len - buffer)"
+    for name, v in (("max_len", max_len), ("buffer", buffer)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            return f"kwargs.{name} must be a whole number of tokens (got {v!r})"
+    if max_len < 1:
+        return f"kwargs.max_len must be at least 1 token (got {max_len})"
+    if not 0 <= buffer <= max_len:
+        return f"kwargs.buffer must be between 0 and max_len={max_len} tokens (got {buffer})"
+    return None
+
+
+@reward()
+def overlong(completions: list[str], completion_ids: list[list[int]] | None = None, *, max_len: int | None = None,
+             buffer: int | None = None, **_: Any) -> Scores:
+    """DAPO's soft overlong punishment, on the completion's length L in tokens::
+
+        0                              if L <= max_len - buffer
+        (max_len - buffer - L) / buffer  if max_len - buffer < L <= max_len   (down to -1 at max_len)
+        -1                             if L > max_len
+
+    DAPO sets ``max_len`` to the longest completion (``rollout.max_new_tokens``; a completion cut
+    there scores -1) and ``buffer`` to its L_cache (4096 of 20480). ``buffer: 0`` is a hard cliff.
+    """
+    problem = overlong_problem(max_len, buffer)
+    if problem is not None:
+        raise RewardError(f"reward overlong: {problem}")
+    if completion_ids is None:
+        raise RewardError("reward overlong counts tokens: it needs completion_ids")
+    start = max_len - buffer
+    return Scores([0.0 if n <= start else -1.0 if n > max_len else (start - n) / buffer
+                   for n in (len(ids) for ids in completion_ids)])
+
+
+overlong.check_kwargs = overlong_problem  # the recipe's rewards section is checked with it (rewards/spec.py)
+
+
 @reward(verifies=True, per_sample_timeout=True)
 def reference(completions: list[str], answer: list[Any] | None = None,
               completion_ids: list[list[int]] | None = None, *, timeout_s: float = 5.0,
@@ -269,6 +309,7 @@ for _name, _fn in (
     ("format", format_reward),
     ("repetition", repetition),
     ("length", length),
+    ("overlong", overlong),
     ("reference", reference),
     ("reasoning_gym", reasoning_gym),
 ):

@@ -1,9 +1,11 @@
 """Resolving a reward name from the recipe to a callable: a registered name (:data:`REWARDS`: the
 built-ins and the ``apo.rewards`` entry points), ``module:function`` or ``file.py:function``.
 
-Custom code is imported only from what the recipe names, and every way that can fail (no such module,
-file or function; the module raising on import; something that is not callable) becomes a one-line
-:class:`~apo_cli.errors.RewardError` that names the target.
+Custom code is imported only from what the recipe names, only with the user's opt-in
+(:mod:`apo_cli.trust`: ``--trust-code`` or ``APO_TRUST_CODE=1``), and every way that can fail (no such
+module, file or function; the module raising on import; something that is not callable) becomes a
+one-line :class:`~apo_cli.errors.RewardError` that names the target. Training and evaluation import
+custom rewards only inside their worker processes (:mod:`apo_cli.rewards.isolated`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from apo_cli.errors import RewardError
 from apo_cli.rewards.builtin import REWARDS
+from apo_cli.trust import require
 
 
 def _one_line(e: BaseException) -> str:
@@ -58,6 +61,16 @@ def _load_module(name: str, target: str) -> object:
         raise RewardError(f"reward {target!r}: importing {name!r} failed: {_one_line(e)}") from None
 
 
+def check_name(name: str) -> None:
+    """RewardError unless ``name`` is registered or of the form ``module:function`` / ``file.py:function``."""
+    where, sep, func = name.rpartition(":")
+    if name not in REWARDS and (not sep or not where or not func):
+        raise RewardError(
+            f"unknown reward {name!r}; built-ins: {', '.join(REWARDS.names())}, "
+            "or give 'module:function' / 'path/to/file.py:function'"
+        )
+
+
 def load_reward(name: str) -> Callable:
     """The callable for a recipe reward name: built-in, ``module:function`` or ``path/file.py:function``."""
     if name in REWARDS:
@@ -65,12 +78,9 @@ def load_reward(name: str) -> Callable:
             return REWARDS.get(name)
         except Exception as e:  # noqa: BLE001 - a plugin's module may raise anything on import
             raise RewardError(f"reward {name!r}: importing it failed: {_one_line(e)}") from None
-    where, sep, func = name.rpartition(":")
-    if not sep or not where or not func:
-        raise RewardError(
-            f"unknown reward {name!r}; built-ins: {', '.join(REWARDS.names())}, "
-            "or give 'module:function' / 'path/to/file.py:function'"
-        )
+    check_name(name)
+    require([f"reward {name!r}"])
+    where, _, func = name.rpartition(":")
     module = _load_file(where, name) if where.endswith(".py") else _load_module(where, name)
     fn = getattr(module, func, None)
     if fn is None:

@@ -9,10 +9,15 @@ Custom functions that do not take ``**kwargs`` receive only the arguments they n
 
 Failure policy, chosen so that one bad completion never stops a run but a broken reward always does:
 
-- Custom rewards and the cheap built-ins are called once per *group* (consecutive completions of one
-  example), each call in a daemon thread with ``RewardSpec.timeout_s`` as its deadline. A call that
-  raises or overruns scores its samples None; they are counted (``errors`` / ``timeouts``) and the
-  first traceback is printed once. (An overrunning thread cannot be killed; it is abandoned.)
+- Rewards are called once per *group* (consecutive completions of one example), each call with
+  ``RewardSpec.timeout_s`` as its deadline. A call that raises, overruns or crashes scores its
+  samples None; they are counted (``errors`` / ``timeouts``) and the first traceback is printed once.
+- Custom rewards (``module:function``, ``file.py:function``, ``apo.rewards`` entry points) run in a
+  persistent worker process of their own, one message per step (:mod:`apo_cli.rewards.isolated`): an
+  overrunning call has its worker killed, and a segfault, ``os._exit`` or ``sys.exit`` in a reward is
+  that call's error, never the end of the trainer. Their code is never imported here.
+- The cheap built-ins (apo's own code: fixed, linear patterns; no kwargs is ever compiled as a
+  regex) run in this process, each call in a daemon thread (an overrun is abandoned, not killed).
 - math_verify and reference take one call per step and time-box each sample themselves in
   killable worker processes, so a pathological expression costs at most ``timeout_s``.
 - Returning something other than a list, or a list of the wrong length, is a bug in the reward:
@@ -32,6 +37,7 @@ import numbers
 import sys
 import threading
 import traceback
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 from apo_cli.errors import RewardError
 from apo_cli.rewards.builtin import REWARDS
-from apo_cli.rewards.loading import load_reward, metric_key
+from apo_cli.rewards.isolated import GroupResult, IsolatedReward
+from apo_cli.rewards.loading import check_name, load_reward, metric_key
+from apo_cli.trust import check_rewards
 
 if TYPE_CHECKING:
     from apo_cli.rewards.spec import RewardSpec
@@ -121,10 +129,11 @@ def _reward_metrics(key: str, values: list[float | None], counts: Counter) -> di
 class _Bound:
     key: str
     spec: RewardSpec
-    fn: Callable
+    fn: Callable | None  # None for an isolated reward: its code lives in its worker process only
     verifies: bool
     per_sample_timeout: bool
     accepts: frozenset[str] | None  # parameter names, or None when it takes **kwargs
+    isolated: IsolatedReward | None = None
 
 
 @dataclass
@@ -228,25 +237,37 @@ class RewardSet:
     """The recipe's rewards, resolved once; call it on a step's completions to get a RewardOutput."""
 
     def __init__(self, specs: list[RewardSpec]) -> None:
+        for spec in specs:
+            check_name(spec.name)
+        check_rewards(specs)  # the user's opt-in to custom code, before any of it is imported
         self._rewards: list[_Bound] = []
+        self._finalizer = weakref.finalize(self, _close_all, self._rewards)  # workers stop with the set
         seen: Counter = Counter()
         for spec in specs:
-            fn = load_reward(spec.name)
             key = metric_key(spec.name)
             seen[key] += 1
             if seen[key] > 1:
                 key = f"{key}_{seen[key]}"
-            builtin = spec.name in REWARDS.builtins()  # plugins' rewards are called like custom ones
-            if builtin:
-                _check_kwargs(key, fn, spec.kwargs)
-            self._rewards.append(_Bound(
-                key=key, spec=spec, fn=fn, verifies=bool(getattr(fn, "verifies", False)),
-                per_sample_timeout=builtin and bool(getattr(fn, "per_sample_timeout", False)),
-                accepts=None if builtin else _accepts(fn),
-            ))
+            self._rewards.append(self._bind(spec, key))
         self.names = [r.key for r in self._rewards]
         self.verifying = [r.key for r in self._rewards if r.verifies]  # rewards that report correctness
         self._reported: set[str] = set()
+
+    @staticmethod
+    def _bind(spec: RewardSpec, key: str) -> _Bound:
+        """A built-in resolved here; anything else behind its own worker process."""
+        if spec.name not in REWARDS.builtins():  # custom code and plugins' rewards: isolated
+            iso = IsolatedReward(spec.name, key, spec.kwargs)
+            return _Bound(key=key, spec=spec, fn=None, verifies=iso.verifies, per_sample_timeout=False,
+                          accepts=iso.accepts, isolated=iso)
+        fn = load_reward(spec.name)
+        _check_kwargs(key, fn, spec.kwargs)
+        return _Bound(key=key, spec=spec, fn=fn, verifies=bool(getattr(fn, "verifies", False)),
+                      per_sample_timeout=bool(getattr(fn, "per_sample_timeout", False)), accepts=None)
+
+    def close(self) -> None:
+        """Stop the rewards' worker processes (also done when the set is collected or at exit)."""
+        self._finalizer()
 
     # ----------------------------------------------------------------------------------------------
 
@@ -299,6 +320,7 @@ class RewardSet:
 
     def _kwargs(self, r: _Bound, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
                 examples: list[Any], s: int, e: int) -> dict[str, Any]:
+        """One group's arguments; for an isolated reward only the data (its worker binds the kwargs)."""
         kw: dict[str, Any] = {
             "prompts": prompts[s:e], "completions": completions[s:e], "completion_ids": completion_ids[s:e],
             "answer": [getattr(x, "answer", None) for x in examples[s:e]],
@@ -309,6 +331,8 @@ class RewardSet:
         for col in columns:
             if col not in _RESERVED:
                 kw[col] = [(getattr(x, "columns", {}) or {}).get(col) for x in examples[s:e]]
+        if r.isolated is not None:
+            return kw
         kw.update(r.spec.kwargs)
         if r.per_sample_timeout:
             kw["timeout_s"] = r.spec.timeout_s
@@ -321,29 +345,45 @@ class RewardSet:
         """Run one reward over the step (whole, or group by group), applying the failure policy."""
         n = len(completions)
         spans = [] if n == 0 else [(0, n)] if r.per_sample_timeout else _groups(examples)
+        calls = [self._kwargs(r, prompts, completions, completion_ids, examples, s, e) for s, e in spans]
+        if r.isolated is not None:
+            results = r.isolated.score(calls, r.spec.timeout_s)  # one message for the step's groups
+        else:
+            results = [self._call_here(r, kw, e - s) for kw, (s, e) in zip(calls, spans)]
         part = _Partial(values=[None] * n)
         correct: list[bool | None] = [None] * n
         any_correct = False
-        for s, e in spans:
-            kw = self._kwargs(r, prompts, completions, completion_ids, examples, s, e)
-            out, tb, timed_out = _call_with_deadline(r.fn, kw, None if r.per_sample_timeout else r.spec.timeout_s)
-            if timed_out or tb is not None:
-                reason = f"timed out after {r.spec.timeout_s:g} s" if timed_out else _first_line(tb)
-                part.counts["timeouts" if timed_out else "errors"] += e - s
+        for (s, e), res in zip(spans, results):
+            if res.status == "invalid":  # a bug in the reward (a wrong length, not a list): stop
+                raise RewardError(res.detail)
+            if res.status != "ok":
+                reason = _first_line(res.detail) if res.status == "error" else res.detail
+                part.counts["timeouts" if res.status == "timeout" else "errors"] += e - s
                 part.first_error = part.first_error or reason
-                self._report(r.key, e - s, tb or f"reward {r.key}: a call {reason}\n")
+                self._report(r.key, e - s, res.detail if res.status == "error" else f"reward {r.key}: a call {reason}\n")
                 continue
-            values, flags, counts, bad = _validate(r.key, out, e - s)
-            if bad is not None:
-                part.first_error = part.first_error or bad
-                self._report(r.key, counts["bad_values"], f"reward {r.key} {bad}\n")
-            part.values[s:e] = values
+            counts = Counter(res.counts or {})
+            if res.bad is not None:
+                part.first_error = part.first_error or res.bad
+                self._report(r.key, counts["bad_values"], f"reward {r.key} {res.bad}\n")
+            part.values[s:e] = res.values
             part.counts.update(counts)
-            if flags is not None:
-                correct[s:e] = flags
+            if res.correct is not None:
+                correct[s:e] = res.correct
                 any_correct = True
         part.correct = correct if (any_correct or r.verifies) else None
         return part
+
+    @staticmethod
+    def _call_here(r: _Bound, kw: dict[str, Any], n: int) -> GroupResult:
+        """One group's call of a built-in in this process, time-boxed by a thread join."""
+        out, tb, timed_out = _call_with_deadline(r.fn, kw, None if r.per_sample_timeout else r.spec.timeout_s)
+        if timed_out:
+            return GroupResult("timeout", detail=f"timed out after {r.spec.timeout_s:g} s")
+        if tb is not None:
+            return GroupResult("error", detail=tb)
+        values, flags, counts, bad = _validate(r.key, out, n)
+        return GroupResult("ok", values=values, correct=flags, counts=counts, bad=bad)
 
     @staticmethod
     def _describe_counts(counts: Counter) -> str:
@@ -366,3 +406,9 @@ class RewardSet:
             f"{where}reward {key} failed on a call ({k} samples scored None); later failures are only counted:\n"
             f"{text.rstrip()}\n"
         )
+
+
+def _close_all(rewards: list[_Bound]) -> None:
+    for r in rewards:
+        if r.isolated is not None:
+            r.isolated.close()

@@ -21,7 +21,7 @@ class RewardSpec(Section):
     )
     weight: float = Field(1.0, description="Weight in the summed reward.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments bound to the reward.")
-    timeout_s: float = Field(5.0, gt=0, description="Time box for one call of this reward.")
+    timeout_s: float = Field(5.0, gt=0, le=86400, description="Time box for one call of this reward (at most a day).")
 
 
 def reward_names() -> set[str]:
@@ -42,4 +42,15 @@ def check_rewards(rewards: list[RewardSpec]) -> list[RewardSpec]:
                 f"rewards[{i}]: unknown reward {r.name!r}; built-ins: {', '.join(sorted(known))}, "
                 "or give 'module:function' / 'file.py:function'"
             )
+        _check_builtin_kwargs(i, r)
     return rewards
+
+
+def _check_builtin_kwargs(i: int, r: RewardSpec) -> None:
+    """A built-in that states its kwargs' rule (``fn.check_kwargs``: the rule broken, or None) is checked here."""
+    from apo_cli.rewards.builtin import REWARDS
+
+    if r.name in REWARDS.builtins():
+        problem = getattr(REWARDS.get(r.name), "check_kwargs", lambda **_: None)(**r.kwargs)
+        if problem is not None:
+            raise ValueError(f"rewards[{i}] ({r.name}): {problem}")

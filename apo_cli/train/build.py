@@ -23,13 +23,13 @@ import torch
 
 from apo_cli.algo.objectives import get_objective
 from apo_cli.algo.schedules import TauSchedule, make_alpha_schedule
-from apo_cli.checkpoint import check_run_dir, verify_checkpoint
+from apo_cli.checkpoint import check_run_dir, read_trainer_state
 from apo_cli.errors import ApoError, BackendError, DataError, RunDirError, UsageError
 from apo_cli.runtime.fsdp import check_shardable, is_sharded, shard
 from apo_cli.runtime.world import World
 from apo_cli.sampling import prompt_limit
 from apo_cli.train.policy import Policy, disable_dropout
-from apo_cli.train.state import DataOrder, TrainState
+from apo_cli.train.state import DataOrder, TrainState, check_objective, verify_resumable
 from backends import create_backend
 
 if TYPE_CHECKING:
@@ -80,11 +80,12 @@ def _prepare(r: Recipe, world: World, backend: Any, resume: bool, resume_from: P
     from apo_cli.rewards import RewardSet
 
     run_dir = r.resolved_output_dir()
-    if resume_from is not None and world.is_main:
-        verify_checkpoint(Path(resume_from))  # a missing or corrupted checkpoint fails before anything loads
+    if resume_from is not None and world.is_main:  # a missing, corrupted or foreign checkpoint fails before anything loads
+        verify_resumable(Path(resume_from))
+        check_objective(Path(resume_from), read_trainer_state(Path(resume_from)), r.algorithm.objective)
     resume = resume or resume_from is not None or (r.checkpoint.resume == "auto" and (run_dir / "recipe.yaml").is_file())
     check_run_dir(run_dir, r.model_dump(mode="json"), resume=resume, allow_change=allow_recipe_change,
-                  resume_from=resume_from)
+                  resume_from=resume_from, metrics_file=r.logging.metrics_file)  # again under the run lock
     _check_creatable(run_dir)
     objective = get_objective(r.algorithm.objective)
     # data and rewards first: a bad dataset or reward fails before a model is loaded
@@ -106,7 +107,8 @@ def _prepare(r: Recipe, world: World, backend: Any, resume: bool, resume_from: P
     if world.distributed:
         check_shardable(model)  # before any collective: the same verdict on every rank
     ref = _reference(model) if r.algorithm.kl_coef > 0 and r.model.lora is None else None  # before sharding
-    return dict(run_dir=run_dir, resume=resume, resume_from=resume_from, objective=objective, examples=examples,
+    return dict(run_dir=run_dir, resume=resume, resume_from=resume_from, allow_change=allow_recipe_change,
+                objective=objective, examples=examples,
                 rewards=rewards, backend=backend, model=model, tok=tok, model_path=model_path, ref=ref,
                 render=lambda ex: render_prompt(ex, r.data, tok), chat=uses_chat_template(r.data, tok))
 
@@ -131,7 +133,8 @@ def _place(r: Recipe, world: World, p: dict[str, Any]) -> Built:
         alpha_schedule=make_alpha_schedule(r.algorithm.alpha, max_steps),
         tau_schedule=TauSchedule(r.algorithm.tau, r.algorithm.adaptive_tau), optimizer=optimizer,
         lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(r, max_steps)),
-        base_model=p["model_path"], objective=r.algorithm.objective,
+        base_model=p["model_path"], objective=r.algorithm.objective, allow_recipe_change=p["allow_change"],
+        optim_values={"lr": r.optim.lr, "betas": r.optim.betas, "weight_decay": r.optim.weight_decay},
     )
     limit = prompt_limit(context_length(model, r.model), r.rollout.max_new_tokens, r.rollout.max_prompt_tokens)
     return Built(recipe=r, world=world, backend=backend, run_dir=p["run_dir"], resume=p["resume"],

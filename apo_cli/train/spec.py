@@ -16,7 +16,8 @@ from pydantic import Field, field_validator, model_validator
 
 from apo_cli.spec import Section, on_off
 
-__all__ = ["CheckpointSpec", "EvalSpec", "LoggingSpec", "OptimSpec", "RolloutSpec", "RunSpec", "TRACKERS"]
+__all__ = ["CheckpointSpec", "DynamicSamplingSpec", "EvalSpec", "LoggingSpec", "OptimSpec", "RolloutSpec", "RunSpec",
+           "TRACKERS"]
 
 # the experiment trackers logging.report_to may name, each an optional extra: pip install 'apo-cli[NAME]'
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -28,7 +29,8 @@ class RunSpec(Section):
         None,
         description="Run directory (relative paths are taken from the current directory). Default: runs/<name>.",
     )
-    seed: int = Field(0, ge=0, description="Seed for data order, sampling and initialisation.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data order, sampling and initialisation "
+                                                         "(0 to 2**32-1).")
     max_steps: int | None = Field(
         100, ge=1, description="Number of training steps (one step = one rollout and its updates). Set this or epochs."
     )
@@ -50,17 +52,38 @@ class RunSpec(Section):
         return v
 
 
+class DynamicSamplingSpec(Section):
+    enabled: bool = Field(
+        False,
+        description="DAPO dynamic sampling: drop the groups whose G rewards are all equal (no signal for a group "
+                    "objective) and sample more prompts, round after round, until rollout.prompts_per_step "
+                    "informative groups are in hand or max_rounds rounds were sampled. The step trains the first "
+                    "prompts_per_step informative groups; short of them, the most that is a multiple of "
+                    "algorithm.mini_batches × the torchrun processes (so a short step's count depends on the number "
+                    "of processes; none: no update). The rewards/* metrics cover "
+                    "every sampled completion; the signals, advantages, completions/* and samples.jsonl the trained "
+                    "groups; sampling/dynamic_rounds, sampling/filtered_groups and sampling/trained_groups say what "
+                    "happened. Each round takes prompts from the data order, so a step may use up to max_rounds × "
+                    "prompts_per_step prompts (run.epochs still counts steps of prompts_per_step).",
+    )
+    max_rounds: int = Field(3, ge=1, le=100, description="Most sampling rounds of prompts_per_step prompts per step "
+                                                        "(1 to 100; 1: filter without resampling).")
+
+
 class RolloutSpec(Section):
-    group_size: int = Field(8, description="G: completions sampled per prompt (the group).")
-    prompts_per_step: int = Field(8, ge=1, description="Prompts per rollout (training step).")
-    max_new_tokens: int = Field(256, ge=1, description="Longest completion, in tokens.")
+    group_size: int = Field(8, le=4096, description="G: completions sampled per prompt (the group).")
+    prompts_per_step: int = Field(8, ge=1, le=65536, description="Prompts per rollout (training step).")
+    max_new_tokens: int = Field(256, ge=1, le=2**20, description="Longest completion, in tokens.")
     max_prompt_tokens: int | None = Field(
-        None, ge=1, description="Prompts longer than this are truncated from the left (and counted)."
+        None, ge=1, le=2**20, description="Prompts longer than this are truncated from the left (and counted)."
     )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
     stop: list[str] = Field(default_factory=list, description="Stop strings; generation ends after one appears.")
+    dynamic_sampling: DynamicSamplingSpec = Field(
+        default_factory=DynamicSamplingSpec, description="DAPO dynamic sampling (see its fields)."
+    )
 
     @field_validator("group_size")
     @classmethod
@@ -72,7 +95,7 @@ class RolloutSpec(Section):
 
 class OptimSpec(Section):
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up, in optimizer steps.")
     scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warm-up.")
@@ -83,6 +106,14 @@ class OptimSpec(Section):
     max_consecutive_skips: int = Field(
         3, ge=1, description="Stop after this many optimizer steps in a row skipped for non-finite loss or gradient."
     )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        bad = [f"betas[{i}]={b}" for i, b in enumerate(v) if not 0 <= b < 1]
+        if bad:
+            raise ValueError(f"each AdamW beta must be in [0, 1): {', '.join(bad)}")
+        return v
 
 
 class CheckpointSpec(Section):
@@ -146,11 +177,12 @@ class EvalSpec(Section):
                                             "The same sampling and scoring as apo eval; results go into the step's "
                                             "metrics row (eval/mean@k, eval/pass@k, eval/maj@k with 95 % intervals), "
                                             "the run's eval.jsonl, the dashboard and the trackers.")
-    k: int = Field(4, ge=1, description="Samples per problem for mean@k, pass@k and maj@k.")
+    k: int = Field(4, ge=1, le=4096, description="Samples per problem for mean@k, pass@k and maj@k.")
     limit: int | None = Field(100, ge=1, description="Evaluate the first N held-out problems (null: all).")
     temperature: float | None = Field(None, ge=0, description="Sampling temperature (null: rollout.temperature; "
                                                               "0: greedy, one completion per problem, k must be 1).")
-    max_new_tokens: int | None = Field(None, ge=1, description="Longest completion (null: rollout.max_new_tokens).")
+    max_new_tokens: int | None = Field(None, ge=1, le=2**20,
+                                       description="Longest completion (null: rollout.max_new_tokens).")
     split: str | None = Field(None, min_length=1, description="Split of a hub dataset to evaluate on (null: the data "
                                                               "section's held-out problems, data.eval_split or "
                                                               "data.eval_fraction).")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from apo_cli.checkpoint import (
+    STATE_FILE,
     CheckpointPayload,
     check_fit,
     checkpoint_path,
@@ -85,7 +86,8 @@ class TrainState:
     """The loop's mutable state; see the module docstring."""
 
     def __init__(self, *, max_steps: int, order: DataOrder, alpha_schedule: Any, tau_schedule: Any,
-                 optimizer: torch.optim.Optimizer, lr_scheduler: Any, base_model: str, objective: str):
+                 optimizer: torch.optim.Optimizer, lr_scheduler: Any, base_model: str, objective: str,
+                 optim_values: dict[str, Any] | None = None, allow_recipe_change: bool = False):
         self.step = 0
         self.max_steps = max_steps
         self.order = order
@@ -98,6 +100,10 @@ class TrainState:
         self.truncated_prompts = 0  # prompts cut to the context limit, over the run
         self.base_model = base_model
         self.objective = objective
+        # the recipe's optim.lr, betas, weight_decay: a checkpoint trained with others resumes with these
+        # only under --allow-recipe-change (see apply_recipe), which is also checked again under the run lock
+        self.optim_values = optim_values
+        self.allow_recipe_change = allow_recipe_change
 
     def state_dict(self) -> dict[str, Any]:
         """``trainer_state.json``: plain JSON."""
@@ -134,6 +140,99 @@ class TrainState:
         self.consecutive_skips = int(ts.get("consecutive_skips", 0))
         self.truncated_prompts = int(ts.get("truncated_prompts", 0))
 
+    def apply_recipe(self, path: Path, saved_lr: list[float]) -> None:
+        """Make the restored optimizer train with the recipe's optim values (peak LR, betas, weight decay)
+        where they differ from the checkpoint's (``saved_lr``: its scheduler's peak LRs): refused without
+        --allow-recipe-change, applied with it (the LR schedule goes on at its position, to the new peak)."""
+        if self.optim_values is None:
+            return
+        want, groups, sched = self.optim_values, self.optimizer.param_groups, self.lr_scheduler
+        have = {"lr": list(saved_lr) or [g.get("initial_lr", g["lr"]) for g in groups],
+                "betas": [g["betas"] for g in groups], "weight_decay": [g["weight_decay"] for g in groups]}
+        diff = [k for k in have if any(_differs(v, want[k]) for v in have[k])]
+        if not diff:
+            return
+        if not self.allow_recipe_change:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with {', '.join(f'optim.{k}={_show(have[k][0])}' for k in diff)}; "
+                f"the recipe says {', '.join(f'optim.{k}={_show(want[k])}' for k in diff)}",
+                hint="pass --allow-recipe-change to train on with the recipe's values")
+        sched.base_lrs = [float(want["lr"])] * len(groups)
+        for g, f in zip(groups, sched.lr_lambdas):
+            g["initial_lr"] = float(want["lr"])
+            g["lr"] = float(want["lr"]) * f(sched.last_epoch)
+            g["betas"] = tuple(float(x) for x in want["betas"])
+            g["weight_decay"] = float(want["weight_decay"])
+        sched._last_lr = [g["lr"] for g in groups]
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(map(float, a)) != list(map(float, b))
+    return float(a) != float(b)
+
+
+def _show(v: Any) -> str:
+    return str(list(v)) if isinstance(v, (list, tuple)) else f"{v:g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# A checkpoint's trainer_state.json, validated like a recipe before anything is restored from it
+
+_COUNTS = ("skipped_total", "consecutive_skips", "truncated_prompts")
+
+
+def check_trainer_state(path: Path, ts: Any) -> dict[str, Any]:
+    """``ts`` (a checkpoint's trainer_state.json) if it can be resumed; else a one-line CheckpointError."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {STATE_FILE} is not valid: {what}")
+
+    def count(value: Any, name: str, least: int = 0) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad(f"{name} is {value!r}, not a whole number")
+        if value < least:
+            raise bad(f"{name} is {value}, must be >= {least}")
+        return value
+
+    if not isinstance(ts, dict):
+        raise bad(f"a {type(ts).__name__}, not a mapping")
+    missing = [k for k in ("step", "max_steps", "data", "alpha_schedule", "tau_schedule") if k not in ts]
+    if missing:
+        raise bad(f"missing {', '.join(missing)}")
+    step, total = count(ts["step"], "step"), count(ts["max_steps"], "max_steps", 1)
+    if step > total:
+        raise bad(f"step {step} is past max_steps {total}")
+    if not isinstance(ts["data"], dict) or not {"epoch", "pos"} <= set(ts["data"]):
+        raise bad("data must be a mapping with epoch and pos")
+    count(ts["data"]["epoch"], "data.epoch")
+    count(ts["data"]["pos"], "data.pos")
+    for k in ("alpha_schedule", "tau_schedule"):
+        if not isinstance(ts[k], dict):
+            raise bad(f"{k} is {type(ts[k]).__name__}, not a mapping")
+    for k in _COUNTS:
+        if k in ts:
+            count(ts[k], k)
+    for k in ("objective", "base_model"):
+        if k in ts and not isinstance(ts[k], str):
+            raise bad(f"{k} is {ts[k]!r}, not a name")
+    return ts
+
+
+def verify_resumable(path: Path) -> None:
+    """:func:`verify_checkpoint`, and a trainer state that can be resumed."""
+    verify_checkpoint(path)
+    check_trainer_state(path, read_trainer_state(path))
+
+
+def check_objective(path: Path, ts: dict[str, Any], objective: str) -> None:
+    """A checkpoint resumes only under the objective it was trained with (never a GRPO one into APO)."""
+    saved = ts.get("objective")
+    if saved is not None and saved != objective:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with algorithm.objective={saved}; the recipe's is {objective}",
+            hint="resume it under its own objective, or set model.name_or_path to the checkpoint to start a "
+                 f"new {objective} run from its weights")
+
 
 _MISFIT = (KeyError, TypeError, ValueError, RuntimeError)
 
@@ -144,11 +243,12 @@ def does_not_fit(path: Path, e: BaseException) -> CheckpointError:
 
 
 def save(run_dir: Path, state: TrainState, model: Any, tok: Any, world: World, *, lora: bool, keep_last: int,
-         trainer_state: dict[str, Any] | None = None, rng: torch.Tensor | None = None) -> Path:
+         trainer_state: dict[str, Any] | None = None, rng: torch.Tensor | None = None, finisher: Any = None) -> Path:
     """Checkpoint ``state`` (or ``trainer_state`` + ``rng`` taken before a running step) and return its path.
 
     Under torchrun every rank calls it: the full weights (a LoRA policy: its adapter) and optimizer
-    state are gathered to rank 0, which writes; a failed write stops every rank."""
+    state are gathered to rank 0, which writes; a failed write stops every rank (so the write is
+    finished at once there; one process finishes it through ``finisher``: apo_cli/checkpoint_io.py)."""
     ts = trainer_state or state.state_dict()
     step = int(ts["step"])
     if is_sharded(model):
@@ -160,7 +260,7 @@ def save(run_dir: Path, state: TrainState, model: Any, tok: Any, world: World, *
     if world.is_main:
         try:
             write_checkpoint(run_dir, CheckpointPayload(step, model, tok, ts, state.torch_state(optim, rng), weights),
-                             keep_last=keep_last)
+                             keep_last=keep_last, finisher=None if world.distributed else finisher)
         except ApoError as e:
             error = e
     world.raise_if_any(error)
@@ -182,8 +282,10 @@ def restore(path: Path, state: TrainState, model: Any, world: World, *, lora: bo
         except _MISFIT as e:
             raise does_not_fit(path, e) from None
     with world.agree():  # the same state on every rank: the same verdict, printed once
+        check_objective(path, check_trainer_state(path, ts), state.objective)
         try:
             state.load_state_dict(ts, tt)
+            state.apply_recipe(path, tt["lr_scheduler"].get("base_lrs", []))
         except _MISFIT as e:
             raise does_not_fit(path, e) from None
 

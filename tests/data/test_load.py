@@ -176,3 +176,79 @@ def test_hub_dataset_unavailable_offline_is_a_data_error():
     spec = DataSpec(source="apo-test-nonexistent-org/nonexistent-dataset", prompt_column="q", answer_column="a")
     with pytest.raises(DataError, match=r"cannot load dataset 'apo-test-nonexistent-org/nonexistent-dataset', split 'train'"):
         load_examples(spec, 0, "train")
+
+
+def test_a_utf8_bom_csv_loads(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark, which must not become part of the first column's name."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffq,a\nproblem 0,0\nproblem 1,1\n".encode())
+    assert [(x.prompt, x.answer) for x in load_examples(_spec(path), seed=0)] == [("problem 0", "0"), ("problem 1", "1")]
+
+
+CHAT = [
+    [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "What is 1 + 1?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2 + 2?"}],
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "hub"])
+def test_chat_prompts_are_conversations_not_strings(tmp_path, fmt):
+    """A prompt column of {"role", "content"} lists (TRL's conversational format) from any source."""
+    rows = [{"q": m, "a": str(2 * (i + 1))} for i, m in enumerate(CHAT)]
+    if fmt == "hub":  # a dataset folder saved by `datasets`, read through datasets.load_dataset
+        import datasets
+
+        path = tmp_path / "chat_ds"
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "part.parquet"))
+        path.mkdir()
+        (tmp_path / "part.parquet").rename(path / "train.parquet")
+    else:
+        path = _write(tmp_path / f"chat.{fmt}", rows, fmt)
+    examples = load_examples(_spec(path), seed=0)
+    assert [x.prompt for x in examples] == ["What is 1 + 1?", "2 + 2?"]  # the last user message
+    assert [list(x.messages) for x in examples] == CHAT
+    assert all("role" not in x.prompt for x in examples)
+
+
+def test_chat_prompts_from_parquet_drop_the_keys_other_messages_filled_with_null(tmp_path):
+    rows = [{"q": [{"role": "user", "content": "1 + 1?", "name": "ann"}], "a": "2"},
+            {"q": [{"role": "user", "content": "2 + 2?"}], "a": "4"}]
+    path = _write(tmp_path / "chat.parquet", rows, "parquet")
+    assert [list(x.messages) for x in load_examples(_spec(path), seed=0)] == [rows[0]["q"], rows[1]["q"]]
+
+
+@pytest.mark.parametrize(("cell", "match"), [
+    (42, r"row 0: column 'q' \(data.prompt_column\) holds a number \(42\), not text or a list of chat messages"),
+    (1.5, r"row 0: .* holds a number \(1.5\)"),
+    (False, r"row 0: .* holds a boolean \(False\)"),
+    (float("nan"), r"row 0: column 'q' \(data.prompt_column\) is empty"),
+    ({"role": "user", "content": "x"}, r"row 0: .*holds an object, .*a chat prompt is a list of such messages"),
+    (["just", "text"], r"row 0: .*holds a list whose item 0 is a str"),
+    ([{"role": "user", "content": ["a", "part"]}], r"row 0: .*message 0 \(user\): 'content' must be text \(got a list\)"),
+    ([{"role": 3, "content": "x"}], r"row 0: .*message 0: 'role' must be a name"),
+    ([], r"row 0: .*is empty"),
+    ([{"role": "user", "content": "  "}], r"row 0: .*the last user message is empty"),
+], ids=["int", "float", "bool", "nan", "dict", "list-of-str", "content-parts", "role-number", "no-messages", "blank"])
+def test_prompts_that_are_neither_text_nor_messages_are_refused_naming_the_row(tmp_path, cell, match):
+    path = tmp_path / "bad.parquet" if isinstance(cell, float) else tmp_path / "bad.jsonl"
+    rows = [{"q": cell, "a": "1"}]
+    _write(path, rows, "parquet" if path.suffix == ".parquet" else "jsonl")
+    with pytest.raises(DataError, match=rf"^{path}: {match}"):
+        load_examples(_spec(path), seed=0)
+
+
+def test_a_nan_answer_is_empty_not_the_text_nan(tmp_path):
+    path = _write(tmp_path / "nan.parquet", [{"q": "problem", "a": float("nan")}], "parquet")
+    with pytest.raises(DataError, match=r"row 0: column 'a' \(data.answer_column\) is empty"):
+        load_examples(_spec(path), seed=0)
+
+
+def test_held_out_chat_prompts_hash_the_whole_conversation(tmp_path):
+    """Two conversations ending in the same question are different problems for the held-out split."""
+    rows = [{"q": [{"role": "system", "content": f"persona {i}"}, {"role": "user", "content": "same?"}], "a": "1"}
+            for i in range(10)]
+    path = _write(tmp_path / "chat.jsonl", rows, "jsonl")
+    held = load_examples(_spec(path, eval_fraction=0.3), seed=0, split="eval")
+    train = load_examples(_spec(path, eval_fraction=0.3), seed=0)
+    assert len(held) == 3 and len(train) == 7
+    assert not {json.dumps(x.messages) for x in held} & {json.dumps(x.messages) for x in train}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,8 @@ def custom_module(tmp_path, monkeypatch):
 
         def contains_seven(completions, **kwargs):
             CALLS.append(sorted(kwargs))
+            with open(__file__ + ".calls", "a") as f:  # custom rewards run in a worker process
+                f.write(" ".join(sorted(kwargs)) + "\\n")
             return [1.0 if "7" in c else 0.0 for c in completions]
 
         def simple(completions, answer):  # no **kwargs: gets only what it names
@@ -105,12 +108,13 @@ def test_none_is_skipped_and_all_none_counted(custom_module):
     assert out.metrics["rewards/all_none"] == 1.0
 
 
-def test_custom_reward_from_module_gets_columns_and_kwargs(custom_module):
+def test_custom_reward_from_module_gets_columns_and_kwargs(custom_module, tmp_path):
     rs = RewardSet([RewardSpec(name=f"{custom_module}:contains_seven", kwargs={"alpha": 1})])
     out = rs(*_batch([("7", ["7", "8"])], extra={"level": "Level 3"}))
     assert out.total == [1.0, 0.0]
-    calls = sys.modules[custom_module].CALLS
-    assert calls[-1] == ["alpha", "answer", "completion_ids", "level", "prompts"]
+    calls = (tmp_path / f"{custom_module}.py.calls").read_text().splitlines()
+    assert calls[-1].split() == ["alpha", "answer", "completion_ids", "level", "prompts"]
+    assert custom_module not in sys.modules  # imported only in the worker process
 
 
 def test_custom_reward_without_var_kwargs(custom_module):
