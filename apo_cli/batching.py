@@ -90,10 +90,12 @@ def completion_logprobs(
     *,
     autocast: AbstractContextManager | None = None,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each completion token under ``model``: ([n, T], entropy [n, T] or None).
 
-    Gradient flows when called outside ``torch.no_grad``. Entropy is computed without gradient.
+    Gradient flows when called outside ``torch.no_grad``. The entropy (from the same logits, no extra
+    forward) is computed without gradient unless ``entropy_grad`` (an entropy bonus trains on it).
     """
     with autocast or nullcontext():
         if SHARE_PROMPTS and packed.shares_prompts and not getattr(model, "is_gradient_checkpointing", False):
@@ -112,7 +114,9 @@ def completion_logprobs(
     tok = logits.gather(-1, packed.targets.unsqueeze(-1)).squeeze(-1)  # [n, T]
     logp = (tok - lse) * packed.mask
     entropy = None
-    if with_entropy:
+    if with_entropy and entropy_grad:
+        entropy = (lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)) * packed.mask  # [n, T]
+    elif with_entropy:
         with torch.no_grad():
             probs = torch.softmax(logits.detach(), dim=-1)
             entropy = (lse.detach() - (probs * logits.detach()).sum(-1)) * packed.mask

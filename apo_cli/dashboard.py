@@ -78,6 +78,8 @@ class PlainDashboard:
             parts.append(f"mfu {_pct(m['perf/mfu'])}")
         if m.get("skipped_steps"):
             parts.append(f"skipped {m['skipped_steps']}")
+        if "sampling/trained_groups" in m:  # rollout.dynamic_sampling: the groups with reward spread trained
+            parts.append(f"groups {m['sampling/trained_groups']:g}" + ("" if m["sampling/trained_groups"] else " (no update)"))
         self.console.print("  ".join(parts), markup=False)
         if evals := eval_line(m):
             self.console.print(evals, markup=False)
@@ -172,6 +174,8 @@ class RichDashboard:
             parts.append(Text(evals, style="bold"))
         if (m.get("completions/clipped_ratio") or 0) > 0.3:
             parts.append(Text("⚠ over 30% of completions hit max_new_tokens: raise rollout.max_new_tokens", style="yellow"))
+        if m.get("sampling/trained_groups") == 0:
+            parts.append(Text("⚠ no group with reward spread in this step's sampling rounds: no update", style="yellow"))
         if self.samples:
             s = Table(show_header=True, header_style="bold", box=None, expand=True)
             s.add_column("prompt", ratio=2, overflow="ellipsis", no_wrap=True)

@@ -94,10 +94,10 @@ def test_registry_lookup_unknown_names_and_lazy_targets():
 
 
 def test_registries_list_the_builtins():
-    assert set(OBJECTIVES.builtins()) == {"apo", "adpo", "grpo", "gspo", "dr_grpo"}
+    assert set(OBJECTIVES.builtins()) == {"apo", "adpo", "grpo", "gspo", "dr_grpo", "cispo", "sapo"}
     assert ALPHA_SCHEDULES.builtins() == ["constant", "linear", "cosine", "reward_confidence", "guarded"]
     assert set(REWARDS.builtins()) == {"math_verify", "exact_match", "format", "repetition", "length", "reference",
-                                       "reasoning_gym"}
+                                       "reasoning_gym", "overlong"}
     assert BACKENDS.builtins() == ["cpu", "gpu"]
     for reg in (OBJECTIVES, ALPHA_SCHEDULES, REWARDS, BACKENDS):
         assert reg.group and reg.group.startswith("apo.")
@@ -109,7 +109,7 @@ def test_registries_list_the_builtins():
 def test_an_unknown_objective_is_refused_with_the_valid_names():
     with pytest.raises(RecipeError) as e:
         recipe_from_dict(_recipe(objective="grpoo"))
-    assert "algorithm.objective: unknown objective 'grpoo'; valid names: adpo, apo, dr_grpo, grpo, gspo" in str(e.value)
+    assert "algorithm.objective: unknown objective 'grpoo'; valid names: adpo, apo, cispo, dr_grpo, grpo, gspo, sapo" in str(e.value)
     with pytest.raises(KeyError, match="valid names: adpo, apo"):
         get_objective("grpoo")
 

@@ -1,7 +1,9 @@
 """The algorithm core: pure tensor code, no model, no device assumptions.
 
-- :mod:`~apo_cli.algo.objectives` — the objective registry (apo, adpo, grpo, gspo, dr_grpo) and the
-  exact alpha-divergence;
+- :mod:`~apo_cli.algo.objectives` — the objective registry (apo, adpo, grpo, gspo, dr_grpo, cispo,
+  sapo) and the exact alpha-divergence;
+- :mod:`~apo_cli.algo.stabilizers` — rollout correction, off-policy mask, truncated rows, entropy
+  mask and bonus around every objective; :func:`objective_loss`, the loss of one micro-batch;
 - :mod:`~apo_cli.algo.advantages` — group gathering, group-relative advantages, the target q;
 - :mod:`~apo_cli.algo.aggregation` — token-mean / sequence-mean / constant loss aggregation;
 - :mod:`~apo_cli.algo.schedules` — per-rollout signals, alpha schedules, adaptive tau.
@@ -21,7 +23,9 @@ from apo_cli.algo.objectives import (
     register_objective,
     resolved,
     sequence_logprob,
+    token_kl,
 )
+from apo_cli.algo.stabilizers import importance_ratio, objective_loss, prepare
 from apo_cli.algo.schedules import (
     ALPHA_SCHEDULES,
     AlphaSchedule,
@@ -53,12 +57,16 @@ __all__ = [
     "group_order",
     "group_target",
     "group_view",
+    "importance_ratio",
     "loss_batch_signals",
     "make_alpha_schedule",
     "make_objective",
     "masked_mean",
+    "objective_loss",
+    "prepare",
     "register_objective",
     "resolved",
     "sequence_logprob",
+    "token_kl",
     "ungroup",
 ]

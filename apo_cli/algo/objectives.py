@@ -15,16 +15,27 @@ Registered names (the training loop never special-cases one; it reads :class:`Ob
   losses stay additive — the two agree at u = 0 and in their gradient there); ``z_loss_form:
   centred`` (the default) uses ``(logsumexp_G(u) - log G)^2`` instead, zero and flat at u = 0 (the
   reference form, the author's, is smallest at u = -log G, so at u = 0 it lowers every sampled completion's log-prob by a
-  gradient of ``2 z log G / (G tau)`` each, see docs/method.md) and the k3 KL to a
+  gradient of ``2 z log G / (G tau)`` each, see docs/method.md) and the KL to a
   reference model (``kl_coef``, off by default). There is no "on-policy fix": at u = 0 the gradient is ``G^(alpha-1)/alpha (q_j^alpha - mean q^alpha) / tau`` per sample,
   not zero.
 ``adpo`` — the same with alpha fixed at 1: ``KL(q || p)``, i.e. the anchored cross-entropy of ADPO.
 ``grpo`` — token-level PPO-clip surrogate ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A)`` with
   ``r = exp(logp_t - logp_old_t)``, group-std-normalised advantages, ``loss_aggregation``
-  (default token_mean), optional k3 KL aggregated the same way.
+  (default token_mean), optional KL aggregated the same way.
 ``dr_grpo`` — GRPO with Dr.GRPO defaults: centred advantages, constant normaliser.
 ``gspo`` — one ratio per sequence ``s = exp(mean_t(logp_t - logp_old_t))``, the same clipped
   surrogate per sequence with eps 3e-4 / 4e-4, mean over sequences; KL seq-mean-token-mean.
+``cispo`` — MiniMax-M1: ``-sg(min(r, 1 + eps_high)) A logp_t`` per token (eps_high 4.0: cap 5),
+  group-std advantages, token mean.
+``sapo`` — soft adaptive gate ``-sigmoid(t (r - 1)) 4/t A`` per token, ``t`` the positive- or
+  negative-advantage temperature (1.0 / 1.05, TRL's), group-std advantages, sequence-mean of token means.
+
+The KL (``kl_coef > 0``) uses ``kl_estimator`` (k3 by default). The loss-side stabilizers
+(apo_cli/algo/stabilizers.py: rollout correction, off-policy mask, truncated rows, entropy mask and
+bonus) reach every objective as ``LossBatch.weights`` [N, T]: token objectives multiply each
+token's policy term by it, gspo each sequence's term by its token mean, apo/adpo each completion's
+gradient term (the divergence's value is unchanged); the KL is not weighted (as in TRL), only
+restricted to ``LossBatch.loss_mask``.
 
 Every loss is divided by the totals of the whole mini-batch (``LossContext``), so the losses of its
 micro-batches add up to the loss of the mini-batch; metrics are means over the micro-batch.
@@ -68,8 +79,15 @@ class LossBatch:
     mask: Tensor  # [N, T] 1.0 on real completion tokens, 0.0 on padding
     advantages: Tensor  # [N] from compute_advantages
     group_ids: Tensor  # [N] long; every group present has all its members here
-    logp_ref: Tensor | None = None  # [N, T] reference-model log-probs (k3 KL when kl_coef > 0)
+    logp_ref: Tensor | None = None  # [N, T] reference-model log-probs (KL when kl_coef > 0)
     group_size: int | None = None  # the rollout's G: each group id present must have exactly G rows here
+    # inputs of the loss-side stabilizers (apo_cli/algo/stabilizers.py), None when not given
+    logp_engine: Tensor | None = None  # [N, T] the rollout engine's log-probs, when it is not the trainer
+    truncated: Tensor | None = None  # [N] bool: cut at max_new_tokens
+    entropy: Tensor | None = None  # [N, T] policy token entropy (with grad when entropy_coef > 0)
+    # set by stabilizers.prepare (objective_loss), honoured by every objective; None: all ones
+    weights: Tensor | None = None  # [N, T] no grad: weight of each token's (completion's) policy term
+    loss_mask: Tensor | None = None  # [N, T] tokens that stay in the KL (mask_truncated drops rows); None: mask
 
 
 @dataclass
@@ -221,26 +239,52 @@ def anchored_logits(delta: Tensor, tau: float, clip_ratio: float, clip_u: float)
     return (delta.clamp(-clip_ratio, clip_ratio) / tau).clamp(-clip_u, clip_u)
 
 
-def _k3_kl(batch: LossBatch, dtype: torch.dtype) -> Tensor:
-    """Per-token k3 estimator of KL(pi || ref): ``exp(d) - d - 1``, ``d = logp_ref - logp`` [N, T]."""
+def token_kl(batch: LossBatch, dtype: torch.dtype, estimator: str = "k3") -> Tensor:
+    """Per-token estimator of KL(pi || ref) [N, T] with ``d = logp_ref - logp`` (0 on padding).
+
+    ``k3``: ``exp(d) - d - 1``, d clamped to ±20 and the value at 10 (verl); ``k1``: ``-d``;
+    ``k2``: ``d^2 / 2`` (neither exponentiates, so neither is clamped, as in verl).
+    """
     if batch.logp_ref is None:
         raise ValueError("kl_coef > 0 needs reference log-probs (LossBatch.logp_ref is None)")
     d = (batch.logp_ref.to(dtype) - batch.logp.to(dtype)).masked_fill(batch.mask == 0, 0.0)  # [N, T]
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    if estimator != "k3":
+        raise ValueError(f"unknown kl_estimator {estimator!r}; valid: k1, k2, k3")
     d = d.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     return (torch.exp(d) - d - 1).clamp(max=_KL_CLAMP)
 
 
 def _add_kl(loss: Tensor, metrics: dict[str, float], batch: LossBatch, spec: AlgorithmSpec,
             ctx: LossContext, mode: str) -> Tensor:
-    """``loss + kl_coef * agg(k3)`` when kl_coef > 0 (metric ``kl``: token mean over the micro-batch)."""
+    """``loss + kl_coef * agg(kl)`` when kl_coef > 0 (metric ``kl``: token mean over the micro-batch's
+    tokens that stay in the loss). Not weighted by the stabilizers' weights (as in TRL)."""
     if spec.kl_coef <= 0:
         return loss
-    kl = _k3_kl(batch, loss.dtype)  # [N, T]
-    metrics["kl"] = float(masked_mean(kl.detach(), batch.mask))
+    kl = token_kl(batch, loss.dtype, spec.kl_estimator)  # [N, T]
+    mask = batch.mask if batch.loss_mask is None else batch.loss_mask  # [N, T]
+    metrics["kl"] = float(masked_mean(kl.detach(), mask))
     return loss + spec.kl_coef * agg_loss(
-        kl, batch.mask, mode, total_tokens=ctx.total_tokens, total_seqs=ctx.total_seqs,
+        kl, mask, mode, total_tokens=ctx.total_tokens, total_seqs=ctx.total_seqs,
         max_new_tokens=ctx.max_new_tokens,
     )
+
+
+def _seq_weights(batch: LossBatch, dt: torch.dtype) -> Tensor | None:
+    """Each completion's weight [N]: the token mean of ``batch.weights`` over its real tokens (TRL's
+    effect on a sequence-level loss), or None when the stabilizers set none."""
+    if batch.weights is None:
+        return None
+    m = batch.mask.to(dt)  # [N, T]
+    return (batch.weights.to(dt) * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1)
+
+
+def _weighted_tokens(per_token: Tensor, batch: LossBatch) -> Tensor:
+    """A token-level policy term [N, T] times the stabilizers' weights (TRL multiplies the same way)."""
+    return per_token if batch.weights is None else per_token * batch.weights.to(per_token.dtype)
 
 
 def _floats(scalars: dict[str, Tensor]) -> dict[str, float]:
@@ -268,11 +312,13 @@ def _sample_weights(log_q: Tensor, u: Tensor, alpha: float) -> Tensor:
 
 def _anchored_loss(batch: LossBatch, spec: AlgorithmSpec, ctx: LossContext, alpha: float
                    ) -> tuple[Tensor, dict[str, float]]:
-    """Mean over groups of ``D_alpha(softmax(A/beta_r) || softmax(u))`` (+ z-loss, + k3 KL)."""
+    """Mean over groups of ``D_alpha(softmax(A/beta_r) || softmax(u))`` (+ z-loss, + KL)."""
     dt = _work_dtype(batch)
     real = batch.mask != 0  # [N, T]
     seq = sequence_logprob(batch.logp.to(dt), real, spec.logprob_reduction)  # [N]
     seq_old = sequence_logprob(batch.logp_old.to(dt), real, spec.logprob_reduction).detach()  # [N]
+    if (w := _seq_weights(batch, dt)) is not None:  # completion j's gradient term times w_j; values unchanged
+        seq = seq.detach() + w * (seq - seq.detach())
     delta = seq - seq_old  # [N]
     u = anchored_logits(delta, ctx.tau, spec.clip_ratio, spec.clip_u)  # [N]
 
@@ -358,8 +404,8 @@ def _grpo_loss(batch: LossBatch, spec: AlgorithmSpec, ctx: LossContext) -> tuple
     ratio = _token_log_ratio(batch, dt).exp()  # [N, T]
     adv = batch.advantages.to(dt)[:, None]  # [N, 1]
     per_token, low, high = _clipped_surrogate(ratio, adv, resolved(spec, "eps_low"), resolved(spec, "eps_high"))
-    loss = agg_loss(per_token, batch.mask, mode, total_tokens=ctx.total_tokens, total_seqs=ctx.total_seqs,
-                    max_new_tokens=ctx.max_new_tokens)
+    loss = agg_loss(_weighted_tokens(per_token, batch), batch.mask, mode, total_tokens=ctx.total_tokens,
+                    total_seqs=ctx.total_seqs, max_new_tokens=ctx.max_new_tokens)
     metrics = _ratio_metrics(ratio, low, high, batch.mask)
     return _add_kl(loss, metrics, batch, spec, ctx, mode), metrics
 
@@ -397,6 +443,59 @@ def gspo_loss(batch: LossBatch, spec: AlgorithmSpec, ctx: LossContext) -> tuple[
     ratio = seq_lr.exp()  # [N]
     adv = batch.advantages.to(dt)  # [N]
     per_seq, low, high = _clipped_surrogate(ratio, adv, resolved(spec, "eps_low"), resolved(spec, "eps_high"))
+    if (w := _seq_weights(batch, dt)) is not None:
+        per_seq = per_seq * w
     loss = per_seq.sum() / max(int(ctx.total_seqs), 1)
     metrics = _ratio_metrics(ratio, low, high, torch.ones_like(ratio))
     return _add_kl(loss, metrics, batch, spec, ctx, "seq_mean_token_mean"), metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# CISPO, SAPO
+
+
+@register_objective(
+    "cispo", params=frozenset({"eps_high", "loss_aggregation"}),
+    defaults={"advantage_std": "group", "eps_high": 4.0, "loss_aggregation": "token_mean"},
+)
+def cispo_loss(batch: LossBatch, spec: AlgorithmSpec, ctx: LossContext) -> tuple[Tensor, dict[str, float]]:
+    """CISPO (MiniMax-M1): ``-sg(min(r, 1 + eps_high)) A logp`` per token: the importance weight is
+    clipped and detached, so every token keeps a gradient (none is dropped by a clip), token-mean."""
+    dt = _work_dtype(batch)
+    mode = resolved(spec, "loss_aggregation")
+    real = batch.mask != 0  # [N, T]
+    ratio = _token_log_ratio(batch, dt).exp()  # [N, T]
+    cap = 1.0 + resolved(spec, "eps_high")
+    weight = ratio.clamp(max=cap).detach()  # [N, T]
+    adv = batch.advantages.to(dt)[:, None]  # [N, 1]
+    per_token = -weight * adv * torch.where(real, batch.logp.to(dt), 0.0)  # [N, T]
+    loss = agg_loss(_weighted_tokens(per_token, batch), batch.mask, mode, total_tokens=ctx.total_tokens,
+                    total_seqs=ctx.total_seqs, max_new_tokens=ctx.max_new_tokens)
+    high = (ratio > cap) & (adv > 0)  # TRL's cispo_clip_ratio
+    metrics = _ratio_metrics(ratio, torch.zeros_like(high), high, batch.mask)
+    return _add_kl(loss, metrics, batch, spec, ctx, mode), metrics
+
+
+@register_objective(
+    "sapo", params=frozenset({"sapo_temperature_pos", "sapo_temperature_neg", "loss_aggregation"}),
+    defaults={"advantage_std": "group", "loss_aggregation": "seq_mean_token_mean"},
+)
+def sapo_loss(batch: LossBatch, spec: AlgorithmSpec, ctx: LossContext) -> tuple[Tensor, dict[str, float]]:
+    """SAPO (soft adaptive policy optimization): ``-sigmoid(t (r - 1)) 4 / t * A`` per token, with
+    ``t = sapo_temperature_pos`` where A > 0 and ``sapo_temperature_neg`` elsewhere: a smooth gate in
+    place of the hard clip, whose gradient ``4 s (1 - s) r A`` is the policy gradient at r = 1 and
+    fades as the ratio leaves 1 (the sooner the larger t). Sequence-mean of token means, as TRL."""
+    dt = _work_dtype(batch)
+    mode = resolved(spec, "loss_aggregation")
+    ratio = _token_log_ratio(batch, dt).exp()  # [N, T]
+    adv = batch.advantages.to(dt)[:, None]  # [N, 1]
+    temp = torch.full_like(adv, spec.sapo_temperature_neg).masked_fill(adv > 0, spec.sapo_temperature_pos)  # [N, 1]
+    gate = torch.sigmoid(temp * (ratio - 1))  # [N, T]
+    per_token = -gate * 4 / temp * adv  # [N, T]
+    loss = agg_loss(_weighted_tokens(per_token, batch), batch.mask, mode, total_tokens=ctx.total_tokens,
+                    total_seqs=ctx.total_seqs, max_new_tokens=ctx.max_new_tokens)
+    metrics = _floats({
+        "ratio/mean": masked_mean(ratio.detach(), batch.mask),
+        "sapo/gate_mean": masked_mean((4 * gate * (1 - gate)).detach(), batch.mask),  # 1 on-policy
+    })
+    return _add_kl(loss, metrics, batch, spec, ctx, mode), metrics

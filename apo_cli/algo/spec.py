@@ -19,6 +19,8 @@ __all__ = [
     "AdaptiveTauSpec",
     "AlgorithmSpec",
     "AlphaScheduleSpec",
+    "CORRECTION_MODES",
+    "RolloutCorrectionSpec",
     "objective_names",
     "objective_params",
     "schedule_kinds",
@@ -126,9 +128,53 @@ class AdaptiveTauSpec(Section):
             raise ValueError(f"tau_min must be <= tau_max (got {self.tau_min} > {self.tau_max})")
         return self
 
+CORRECTION_MODES = ("off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+class RolloutCorrectionSpec(Section):
+    mode: Literal["off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] | None = Field(
+        None,
+        description="Correction of the engine/trainer log-prob mismatch, as TRL 1.16's vllm_importance_sampling_*: "
+        "ratio = exp(trainer log-prob at the rollout weights − engine log-prob), per token (token_*) or one per "
+        "completion from the summed difference (sequence_*); *_truncate clamps it to [clip_min, clip_max], *_mask "
+        "sets it to 0 outside; the ratio weights each token's (or completion's) policy term of every objective "
+        "(docs/method.md). null (the default): sequence_mask, TRL's default, when the backend samples with a "
+        "separate engine (backend.rollout: vllm), off when the policy samples itself (backend cpu, rollout: hf: "
+        "the engine is the trainer).",
+    )
+    clip_max: float | None = Field(
+        3.0, description="Upper bound C_max of the ratio (>= 1, so a ratio of 1 is never changed; null: none)."
+    )
+    clip_min: float | None = Field(
+        None, description="Lower bound C_min of the ratio (in [0, 1], so a ratio of 1 is never changed; null: none)."
+    )
+
+    @field_validator("clip_max")
+    @classmethod
+    def _max_at_least_one(cls, v: float | None) -> float | None:
+        if v is not None and v < 1:
+            raise ValueError(f"clip_max must be >= 1 so that a ratio of 1 (no mismatch) is never changed (got {v})")
+        return v
+
+    @field_validator("clip_min")
+    @classmethod
+    def _min_in_unit(cls, v: float | None) -> float | None:
+        if v is not None and not 0 <= v <= 1:
+            raise ValueError(f"clip_min must lie in [0, 1] so that a ratio of 1 (no mismatch) is never changed (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _a_bound(self) -> RolloutCorrectionSpec:
+        if self.mode != "off" and self.clip_max is None and self.clip_min is None:
+            raise ValueError(f"rollout correction mode {self.mode or 'null (sequence_mask on a separate engine)'} "
+                             "needs clip_max or clip_min (with neither it changes nothing; use mode: off)")
+        return self
+
 
 class AlgorithmSpec(Section):
-    objective: str = Field("apo", description="Objective from the registry: apo, adpo, grpo, gspo, dr_grpo.")
+    objective: str = Field(
+        "apo", description="Objective from the registry: apo, adpo, grpo, gspo, dr_grpo, cispo, sapo."
+    )
     tau: float = Field(0.5, gt=0, description="APO/ADPO: temperature of the anchored logits u.")
     beta_r: float = Field(0.3, gt=0, description="APO/ADPO: temperature of the target q = softmax(A / beta_r).")
     clip_ratio: float = Field(5.0, gt=0, description="APO/ADPO: clip of logp − logp_anchor before dividing by tau.")
@@ -143,9 +189,15 @@ class AlgorithmSpec(Section):
     )
     kl_coef: float = Field(
         0.0, ge=0,
-        description="Coefficient of the k3 KL to the initial (reference) model: per token exp(d) − d − 1 with "
-        "d = logp_ref − logp clamped to ±20 and the k3 value clamped at 10, as "
-        "verl does (TRL clamps neither).",
+        description="Coefficient of the KL to the initial (reference) model, estimated per token by "
+        "kl_estimator (default k3: exp(d) − d − 1 with d = logp_ref − logp clamped to ±20 and the k3 value "
+        "clamped at 10, as verl does; TRL clamps neither).",
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3",
+        description="Per-token KL estimator with d = logp_ref − logp: k1 = −d (the log-ratio; its expected "
+        "gradient is zero, so as a loss it does not regularise, see docs/method.md), k2 = d²/2, k3 = exp(d) − d − 1 "
+        "(low variance; the default, as before). Read only when kl_coef > 0.",
     )
     logprob_reduction: Literal["mean", "sum"] = Field(
         "mean", description="APO/ADPO: sequence log-prob as the mean (length-normalised) or sum over tokens."
@@ -165,9 +217,50 @@ class AlgorithmSpec(Section):
         "false keeps the model's dropout (then two passes at the same weights differ).",
     )
     eps_low: float | None = Field(None, gt=0, description="GRPO/GSPO: lower clip epsilon (default 0.2 / 3e-4).")
-    eps_high: float | None = Field(None, gt=0, description="GRPO/GSPO: upper clip epsilon (default 0.2 / 4e-4).")
+    eps_high: float | None = Field(
+        None, gt=0,
+        description="GRPO/GSPO: upper clip epsilon (default 0.2 / 4e-4). CISPO: the importance weight is capped at "
+        "1 + eps_high (default 4.0: the cap 5.0 that TRL recommends as its epsilon_high for cispo, which is the cap "
+        "itself).",
+    )
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "constant"] | None = Field(
-        None, description="GRPO: token_mean, seq_mean_token_mean, or constant (Dr.GRPO). Default per objective."
+        None,
+        description="GRPO/CISPO/SAPO: token_mean, seq_mean_token_mean, or constant (Dr.GRPO). Default per objective "
+        "(grpo, cispo: token_mean; sapo: seq_mean_token_mean, as TRL; dr_grpo: constant).",
+    )
+    sapo_temperature_pos: float = Field(
+        1.0, gt=0, description="SAPO: temperature of the soft gate for tokens of positive advantage (TRL's default)."
+    )
+    sapo_temperature_neg: float = Field(
+        1.05, gt=0,
+        description="SAPO: temperature of the soft gate for tokens of zero or negative advantage (TRL's default).",
+    )
+    rollout_correction: RolloutCorrectionSpec = Field(
+        default_factory=RolloutCorrectionSpec, description="Every objective: engine/trainer mismatch correction."
+    )
+    off_policy_mask_threshold: float | None = Field(
+        None, ge=0,
+        description="Every objective: off-policy sequence masking (DeepSeek-V3.2, TRL off_policy_mask_threshold): a "
+        "completion of negative advantage whose mean per-token log(pi_behaviour / pi_theta) exceeds this threshold "
+        "(>= 0) leaves the policy term (pi_behaviour: the engine's log-probs when there is a separate engine, "
+        "else the rollout-time trainer's). null: off.",
+    )
+    mask_truncated: bool = Field(
+        False,
+        description="Every objective: completions cut at rollout.max_new_tokens leave the loss (policy term, KL, "
+        "entropy bonus and the token normaliser; TRL mask_truncated_completions); they still count in the rewards, "
+        "advantages and metrics.",
+    )
+    entropy_coef: float = Field(
+        0.0, ge=0,
+        description="Every objective: entropy bonus, loss − entropy_coef × mean token entropy of the policy over the "
+        "completion tokens that train (TRL's rule; >= 0; 0: off, no gradient through the entropy).",
+    )
+    top_entropy_quantile: float = Field(
+        1.0, ge=0, le=1,
+        description="Every objective: only the tokens whose policy entropy is at or above the (1 − q) quantile of "
+        "the micro-batch's tokens train (TRL top_entropy_quantile, 'Beyond the 80/20 rule' recommends 0.2; in "
+        "[0, 1]; 1: every token).",
     )
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per rollout (each holds whole groups).")
     epochs: int = Field(1, ge=1, description="Passes over each rollout.")
@@ -191,7 +284,10 @@ class AlgorithmSpec(Section):
 
 # algorithm fields that every objective uses (loop control, the advantages and the objective's own name).
 ALWAYS_USED = frozenset(
-    {"objective", "mini_batches", "epochs", "kl_coef", "advantage_std", "advantage_eps", "disable_dropout"}
+    {"objective", "mini_batches", "epochs", "kl_coef", "advantage_std", "advantage_eps", "disable_dropout",
+     # the loss-side stabilizers of issue 16 (apo_cli/algo/stabilizers.py), applied around every objective
+     "rollout_correction", "off_policy_mask_threshold", "mask_truncated", "entropy_coef", "top_entropy_quantile",
+     "kl_estimator"}
 )
 
 Problem = tuple[tuple[str, ...], str]
@@ -245,6 +341,15 @@ def _dead_fields(a: AlgorithmSpec) -> list[tuple[Problem, tuple[tuple[str, ...],
     if "advantage_eps" in _changed(a) and std == "none":
         out.append(((("algorithm", "advantage_eps"), f"algorithm.advantage_eps is set but advantage_std is 'none' "
                      f"(for objective {a.objective!r}), so no std is divided by"), (obj, ("algorithm", "advantage_std"))))
+    if "kl_estimator" in _changed(a) and a.kl_coef == 0:
+        out.append(((("algorithm", "kl_estimator"), "algorithm.kl_estimator is set but kl_coef is 0, so no KL is "
+                     "estimated"), (("algorithm", "kl_coef"),)))
+    if a.rollout_correction.mode == "off":
+        for name in _changed(a.rollout_correction):
+            if name != "mode":
+                out.append(((("algorithm", "rollout_correction", name), f"algorithm.rollout_correction.{name} is set "
+                             "but rollout_correction.mode is off, so it is not used"),
+                            (("algorithm", "rollout_correction", "mode"),)))
     if "z_loss_form" in used and "z_loss_form" in _changed(a) and a.z_loss_coef == 0:
         out.append(((("algorithm", "z_loss_form"), "algorithm.z_loss_form is set but z_loss_coef is 0, so it is not used"),
                     (obj, ("algorithm", "z_loss_coef"))))

@@ -5,7 +5,9 @@ One *step* is one rollout and the updates made from it:
 1. **Rollout.** ``prompts_per_step`` prompts from the data (in a seeded order, epoch after epoch)
    are rendered (chat template or plain template), encoded (cut to the context, counted) and sent
    to the backend, which samples ``group_size`` (G) completions for each, with the engine's
-   log-probs of the sampled tokens; the rewards score every completion (apo_cli/sampling.py).
+   log-probs of the sampled tokens; the rewards score every completion (apo_cli/sampling.py). With
+   ``rollout.dynamic_sampling`` the groups without reward spread are dropped and more prompts sampled
+   (apo_cli/train/rollout.py).
 2. **Advantages and signals.** Group advantages (centred per group; std scaling per the objective)
    and the schedule signals (reward signal, confidence, calibration), from which the **alpha** and
    **tau** schedules give this step's values.
@@ -22,13 +24,15 @@ One *step* is one rollout and the updates made from it:
    optimizer step is skipped and counted; after ``optim.max_consecutive_skips`` in a row the run
    stops with a checkpoint of the last good state.
 5. **Sync, log, checkpoint.** ``backend.sync_weights()``; one metrics line; a checkpoint every
-   ``checkpoint.every`` steps and at the end (atomic, the last K kept).
+   ``checkpoint.every`` steps and at the end (atomic, the last K kept; its files are written at
+   once, their checksums and the rename finish in the background during the next step, which is
+   logged only once they are done: apo_cli/checkpoint_io.py).
 
 Regimes: one mini-batch × one epoch is purely on-policy (u = 0, no anchor pass); more of either
 trains later mini-batches off the rollout weights, against anchors taken before the first update.
 
-Stopping (apo_cli/train/session.py). SIGINT/SIGTERM finish the step, save and exit 130/143 (a second
-signal aborts at once). An error in a step's rollout or rewards (before its update) saves the last
+Stopping (apo_cli/train/session.py). SIGINT/SIGTERM/SIGHUP finish the step, save and exit 130/143/129
+(a second signal aborts at once). An error in a step's rollout or rewards (before its update) saves the last
 completed step first; a kill loses at most the steps since the last checkpoint. ``--resume``
 restores weights, optimizer, LR schedule, RNG, data position and schedule states
 (apo_cli/train/state.py): on CPU a resumed run equals an uninterrupted one.
@@ -46,51 +50,33 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from apo_cli.algo.advantages import compute_advantages
-from apo_cli.algo.objectives import LossBatch, LossContext, resolved
+from apo_cli.algo.objectives import resolved
+from apo_cli.algo.stabilizers import objective_loss
 from apo_cli.algo.schedules import LossBatchSchedule, compute_signals
 from apo_cli.checkpoint import RunLock, latest_good_checkpoint
+from apo_cli.checkpoint_io import CheckpointFinisher
 from apo_cli.dashboard import make_dashboard
-from apo_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, TrainingError
+from apo_cli.errors import Interrupted, TrainingError
 from apo_cli.perf import Perf
 from apo_cli.runtime.fsdp import clip_grad_norm
 from apo_cli.runtime.world import shared
-from apo_cli.sampling import encode_prompts, sample_and_score
 from apo_cli.train import session, state
 from apo_cli.train.build import build
 from apo_cli.train.evaluate import Evaluator
+from apo_cli.train.loss_inputs import loss_batch, loss_context, mismatch_metrics
 from apo_cli.train.policy import Anchors
-from backends import SamplingParams
+from apo_cli.train.rollout import Rollout, collect, no_update_record, step_seed
 
 if TYPE_CHECKING:
     from apo_cli.recipe import Recipe
-
-
-@dataclass
-class Rollout:
-    """One step's samples, flattened group by group: row k belongs to group k // G."""
-
-    prompt_ids: list[list[int]]  # [N]
-    completion_ids: list[list[int]]  # [N]
-    completions: list[str]  # [N]
-    prompts: list[str]  # [N]
-    finish: list[str]  # [N]
-    engine_logprobs: list[list[float]] | None
-    rewards: torch.Tensor  # [N]
-    advantages: torch.Tensor  # [N]
-    group_ids: torch.Tensor  # [N]
-
-
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7_919) % (2**63 - 1)
 
 
 class Trainer:
@@ -110,6 +96,7 @@ class Trainer:
         self.last_saved, self.last_path = 0, None
         self.loss_batch = None  # the reference rule per loss call (algorithm.alpha.granularity: micro_batch)
         self.evaluator, self.perf = Evaluator(self), Perf(self.model, self.backend, recipe, self.world.size)
+        self.finisher = CheckpointFinisher()  # checkpoints finish in the background during train()
 
     # what tests, benchmarks and callers read
     model = property(lambda self: self.policy.model)
@@ -133,7 +120,7 @@ class Trainer:
                 return latest_good_checkpoint(self.run_dir)
             self.last_saved = st.step
             self.backend.sync_weights()  # the engine samples from the (restored) policy from the first rollout on
-            with session.StopFlag() as stop, dash, session.run_log(self, dash) as log:
+            with session.StopFlag() as stop, dash, session.run_log(self, dash) as log, self.finisher:
                 for n in notes:
                     dash.message(n, "yellow")
                 self._loop(log, dash, stop)
@@ -153,6 +140,7 @@ class Trainer:
                     session.save_before_failure(self, *before, dash=dash)
                 raise
             record.update(self.evaluator.maybe_run(st.step, st.max_steps, dash))  # before the checkpoint
+            self.finisher.wait()  # the last checkpoint is in place before a later step is logged
             if log is not None:
                 log.write(record, samples)
             dash.update(record, samples)
@@ -166,7 +154,7 @@ class Trainer:
             signum = self.world.max(stop.signum or 0)  # a signal to any rank stops all after this step
             if signum:
                 path = self.save()
-                code, name = (EXIT_TERMINATED, "SIGTERM") if signum == signal.SIGTERM else (EXIT_INTERRUPTED, "SIGINT")
+                code, name = stop.reason(signum)
                 raise shared(Interrupted(f"{name}: stopped at step {st.step}; saved {path} (resume with --resume)", code))
             if st.step % r.checkpoint.every == 0 or st.step == st.max_steps:
                 self.save()
@@ -184,6 +172,8 @@ class Trainer:
         ro, correct, roll_metrics = self.rollout()
         t_roll = time.perf_counter()
         n = len(ro.rewards)
+        if not n:
+            return no_update_record(self, roll_metrics, t_roll - t0)
         plans = self.plan(n // self.G)
         anchors = Anchors(self.policy, self.world, ro.prompt_ids, ro.completion_ids, r.optim.micro_batch_size)
         if ro.engine_logprobs is None:  # signals need the rollout policy's log-probs: take the anchor pass
@@ -205,7 +195,7 @@ class Trainer:
         if rest and (a.mini_batches > 1 or a.epochs > 1):
             anchors.compute(rest)
         train_metrics = self.update(ro, alpha, tau, anchors, plans)
-        train_metrics.update(self.world.mean(_engine_mismatch(ro, anchors.mine())))
+        train_metrics.update(mismatch_metrics(self, ro, anchors.mine()))
         if per_mb:  # what was used: the mean alpha and tau over the loss calls, their range and signals
             alpha, tau = self.loss_batch.log_into(train_metrics)
         # 5. sync the engine, record
@@ -214,28 +204,14 @@ class Trainer:
         return self._record(ro, sig, alpha, tau, roll_metrics, train_metrics, times)
 
     def rollout(self) -> tuple[Rollout, torch.Tensor | None, dict[str, float]]:
-        """Sample and score this step's groups; group advantages."""
-        r, st = self.recipe, self.state
-        examples = [self.examples[i] for i in st.order.take(r.rollout.prompts_per_step)]
-        texts = [self.render(ex) for ex in examples]
-        enc = encode_prompts(self.tok, texts, chat=self.chat, limit=self.prompt_limit)
-        st.truncated_prompts += enc.truncated
-        params = SamplingParams(
-            n=self.G, max_new_tokens=r.rollout.max_new_tokens, temperature=r.rollout.temperature,
-            top_p=r.rollout.top_p, top_k=r.rollout.top_k, stop=tuple(r.rollout.stop), seed=step_seed(r.run.seed, st.step),
-        )
-        s = sample_and_score(self.backend, self.tok, self.rewards, enc.ids, texts, examples, params, self.world)
-        rewards = torch.tensor(s.rewards.total, dtype=torch.float32)
-        group_ids = torch.arange(len(examples)).repeat_interleave(self.G)
-        adv, adv_stats = compute_advantages(rewards, group_ids, resolved(r.algorithm, "advantage_std"),
-                                            r.algorithm.advantage_eps)
-        flat = s.completions
-        engine_lp = None if any(c.logprobs is None for c in flat) else [c.logprobs for c in flat]
-        rep = lambda xs: [x for x in xs for _ in range(self.G)]  # noqa: E731
-        ro = Rollout(rep(enc.ids), [c.ids for c in flat], s.texts, rep(texts), [c.finish_reason for c in flat],
-                     engine_lp, rewards, adv, group_ids)
-        correct = None if s.rewards.correct is None else torch.tensor(s.rewards.correct, dtype=torch.bool)
-        return ro, correct, {**adv_stats, **s.rewards.metrics}
+        """Sample and score this step's groups (apo_cli/train/rollout.py: dynamic sampling); group advantages."""
+        a = self.recipe.algorithm
+        ro, correct, metrics = collect(self)
+        if not len(ro.rewards):  # dynamic sampling found no informative group: no update
+            return ro, correct, metrics
+        ro.advantages, adv_stats = compute_advantages(ro.rewards, ro.group_ids, resolved(a, "advantage_std"),
+                                                      a.advantage_eps)
+        return ro, correct, {**adv_stats, **metrics}
 
     def plan(self, n_groups: int) -> list[list[list[int]]]:
         """The step's updates: [epoch][mini-batch] -> group indices, shuffled as whole groups."""
@@ -278,29 +254,19 @@ class Trainer:
                        anchors: Anchors) -> tuple[dict[str, float], float | None]:
         """One optimizer step on ``rows`` (whole groups), accumulated over micro-batches."""
         o, a, st, world = self.recipe.optim, self.recipe.algorithm, self.state, self.world
-        # normalisers of the whole mini-batch: this rank's rows and the other ranks' (as many rows each)
-        total_tokens = world.sum(sum(len(ro.completion_ids[i]) for i in rows))
-        ctx = LossContext(alpha=alpha, tau=tau, total_groups=world.size * len(rows) // self.G,
-                          total_seqs=world.size * len(rows), total_tokens=max(total_tokens, 1.0),
-                          max_new_tokens=self.recipe.rollout.max_new_tokens)
+        ctx = loss_context(self, ro, rows, alpha, tau)  # normalisers of the whole mini-batch (all ranks)
         st.optimizer.zero_grad(set_to_none=True)
         acc: dict[str, float] = {}
         finite = True
         for s in range(0, len(rows), o.micro_batch_size):
             chunk = rows[s : s + o.micro_batch_size]
             prompts, comps = [ro.prompt_ids[i] for i in chunk], [ro.completion_ids[i] for i in chunk]
-            logp, ent, mask = self.policy.logprobs(prompts, comps)
-            old = torch.zeros_like(logp)
-            for k, i in enumerate(chunk):
-                anchors.take(i, logp[k])  # first visit at the rollout weights: the anchor is this forward
-                old[k, : anchors[i].shape[0]] = anchors[i][: logp.shape[1]]
-            ref = self.policy.ref_logprobs(prompts, comps) if a.kl_coef > 0 else None
-            batch = LossBatch(logp=logp, logp_old=old, mask=mask, advantages=ro.advantages[chunk].to(self.policy.device),
-                              group_ids=ro.group_ids[chunk].to(self.policy.device), logp_ref=ref, group_size=self.G)
+            logp, ent, mask = self.policy.logprobs(prompts, comps, entropy_grad=a.entropy_coef > 0)
+            batch = loss_batch(self, ro, chunk, logp, ent, mask, anchors)  # anchors, ref, stabilizer inputs
             if self.loss_batch is not None:  # alpha and tau from this micro-batch
                 ctx = replace(ctx, **self.loss_batch.values(ro.rewards[chunk], batch.advantages, ro.group_ids[chunk],
-                                                            logp, old, mask))
-            loss, m = self.objective.fn(batch, a, ctx)
+                                                            logp, batch.logp_old, mask))
+            loss, m = objective_loss(self.objective, batch, a, ctx)  # stabilizers + objective + entropy bonus
             if not world.all_true(bool(torch.isfinite(loss))):  # one rank's NaN skips the step on all
                 finite = False
                 break
@@ -363,27 +329,13 @@ class Trainer:
     def save(self, trainer_state: dict[str, Any] | None = None, rng: torch.Tensor | None = None) -> Path:
         """Checkpoint the current state, or ``trainer_state`` + ``rng`` taken before the running step."""
         path = state.save(self.run_dir, self.state, self.model, self.tok, self.world, lora=self.recipe.model.lora is not None,
-                          keep_last=self.recipe.checkpoint.keep_last, trainer_state=trainer_state, rng=rng)
+                          keep_last=self.recipe.checkpoint.keep_last, trainer_state=trainer_state, rng=rng,
+                          finisher=self.finisher)
         self.last_saved, self.last_path = int((trainer_state or {"step": self.state.step})["step"]), path
         return path
 
     def restore(self, path: Path, *, verified: bool = False) -> None:
         state.restore(path, self.state, self.model, self.world, lora=self.recipe.model.lora is not None, verified=verified)
-
-
-def _engine_mismatch(ro: Rollout, anchors: dict[int, torch.Tensor]) -> dict[str, float]:
-    """|engine log-prob − trainer log-prob| per token at the rollout weights (sampling/logprob_diff_*)."""
-    if ro.engine_logprobs is None or not anchors:
-        return {}
-    diffs = [
-        (torch.tensor(ro.engine_logprobs[i], dtype=torch.float32) - a.float().cpu()).abs()
-        for i, a in anchors.items()
-        if len(ro.engine_logprobs[i]) == a.numel() and a.numel()
-    ]
-    if not diffs:
-        return {}
-    d = torch.cat(diffs)
-    return {"sampling/logprob_diff_mean": float(d.mean()), "sampling/logprob_diff_max": float(d.max())}
 
 
 def train_from_recipe(recipe: Recipe, *, resume: bool = False, resume_from: Path | None = None,

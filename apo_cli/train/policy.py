@@ -58,17 +58,20 @@ class Policy:
         self.device = backend.device
 
     def forward(self, model: Any, prompts: list[list[int]], completions: list[list[int]], *, grad: bool,
-                entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                entropy: bool = False, entropy_grad: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(logp [n, T], entropy [n, T] or None, mask [n, T])`` of ``completions`` after ``prompts``."""
         packed = pack(prompts, completions, self.tok.pad_token_id).to(self.device)
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
-            logp, ent = completion_logprobs(model, packed, autocast=self.backend.autocast(), with_entropy=entropy)
+            logp, ent = completion_logprobs(model, packed, autocast=self.backend.autocast(), with_entropy=entropy,
+                                            entropy_grad=entropy_grad and grad)
         return logp, ent, packed.mask
 
-    def logprobs(self, prompts: list[list[int]], completions: list[list[int]]):
-        """The policy's log-probs with gradient, and the per-token entropy."""
-        return self.forward(self.model, prompts, completions, grad=True, entropy=True)
+    def logprobs(self, prompts: list[list[int]], completions: list[list[int]], *, entropy_grad: bool = False):
+        """The policy's log-probs with gradient, and the per-token entropy (with gradient when
+        ``entropy_grad``: ``algorithm.entropy_coef > 0``)."""
+        return self.forward(self.model, prompts, completions, grad=True, entropy=True, entropy_grad=entropy_grad)
 
     def ref_logprobs(self, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
         if self.ref_model is not None:

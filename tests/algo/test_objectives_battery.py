@@ -18,9 +18,11 @@ from apo_cli.algo import (
     compute_signals,
     get_objective,
     make_alpha_schedule,
+    objective_loss,
     resolved,
     sequence_logprob,
 )
+from apo_cli.algo.spec import RolloutCorrectionSpec
 from apo_cli.recipe import _ALWAYS_USED, AdaptiveTauSpec, AlgorithmSpec, AlphaScheduleSpec
 
 from .conftest import make_batch, make_ctx, run_loss
@@ -30,8 +32,8 @@ SOFTMAX_NAMES = [n for n in NAMES if "clip_u" in OBJECTIVES[n].params]  # group-
 LOOP_FIELDS = {"objective", "mini_batches", "epochs", "disable_dropout"}  # disable_dropout: tests/algo/test_fidelity.py
 
 
-def test_registry_has_the_five_objectives_and_consistent_metadata():
-    assert set(NAMES) >= {"apo", "adpo", "grpo", "gspo", "dr_grpo"}
+def test_registry_has_the_seven_objectives_and_consistent_metadata():
+    assert set(NAMES) >= {"apo", "adpo", "grpo", "gspo", "dr_grpo", "cispo", "sapo"}
     fields = set(AlgorithmSpec.model_fields)
     for name, info in OBJECTIVES.items():
         assert info.name == name
@@ -45,7 +47,7 @@ def test_registry_has_the_five_objectives_and_consistent_metadata():
 
 
 def test_unknown_objective_lists_valid_names():
-    with pytest.raises(KeyError, match="valid names: adpo, apo, dr_grpo, grpo, gspo"):
+    with pytest.raises(KeyError, match="valid names: adpo, apo, cispo, dr_grpo, grpo, gspo, sapo"):
         get_objective("ppo")
 
 
@@ -65,6 +67,7 @@ def test_loss_is_scalar_with_finite_float_metrics(name):
     assert metrics and all(type(v) is float and math.isfinite(v) for v in metrics.values()), metrics
     assert "kl" in metrics
     expected = {"alpha", "tau", "apo/W", "apo/weight_std", "apo/u_abs_mean", "apo/z_loss"} if name in SOFTMAX_NAMES \
+        else {"ratio/mean", "sapo/gate_mean"} if name == "sapo" \
         else {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"}
     assert expected <= set(metrics)
 
@@ -183,7 +186,7 @@ def test_incomplete_group_is_refused(name):
 
 
 # --------------------------------------------------------------------------------------------------
-# No dead fields: every algorithm field an objective declares changes its loss.
+# No dead fields: every algorithm field an objective declares changes its loss or its gradient.
 
 # Alternatives tried in order; the first that differs from the current resolved value is used.
 ALTERNATIVES = {
@@ -202,13 +205,25 @@ ALTERNATIVES = {
     "loss_aggregation": ["seq_mean_token_mean", "token_mean"],
     "alpha": [AlphaScheduleSpec(kind="constant", value=0.2)],
     "adaptive_tau": [AdaptiveTauSpec(enabled=True)],
+    "sapo_temperature_pos": [3.0],
+    "sapo_temperature_neg": [3.0],
+    "kl_estimator": ["k2", "k1"],
+    "rollout_correction": [RolloutCorrectionSpec(mode="token_truncate", clip_max=1.05)],
+    "off_policy_mask_threshold": [0.0],
+    "mask_truncated": [True],
+    "entropy_coef": [0.1],
+    "top_entropy_quantile": [0.5],
 }
 
 
-def _pipeline_loss(spec: AlgorithmSpec, seed: int = 9) -> float:
-    """What the training loop does for one update: advantages, signals, schedules, loss."""
+def _pipeline_loss(spec: AlgorithmSpec, seed: int = 9) -> torch.Tensor:
+    """What the training loop does for one update: advantages, signals, schedules, loss (with the
+    stabilizers' inputs: a separate engine's log-probs, truncated rows, the policy entropy)."""
     b = make_batch(n_groups=4, g=4, t=8, seed=seed)
     gen = torch.Generator().manual_seed(seed)
+    b = replace(b, logp_engine=b.logp_old + 0.4 * torch.randn(b.logp_old.shape, generator=gen, dtype=torch.float64),
+                truncated=torch.arange(b.logp.shape[0]) % 3 == 0,
+                entropy=3 * torch.rand(b.logp.shape, generator=gen, dtype=torch.float64) * b.mask)
     rewards = torch.rand(b.logp.shape[0], generator=gen, dtype=torch.float64) ** 2  # spread within groups
     adv, _ = compute_advantages(rewards, b.group_ids, resolved(spec, "advantage_std"), spec.advantage_eps)
     seq_mean = sequence_logprob(b.logp_old, b.mask, "mean")
@@ -218,13 +233,15 @@ def _pipeline_loss(spec: AlgorithmSpec, seed: int = 9) -> float:
     tau = TauSchedule(spec.tau, spec.adaptive_tau).step(signals)
     ctx = LossContext(alpha=alpha, tau=tau, total_groups=4, total_seqs=16, total_tokens=float(b.mask.sum()),
                       max_new_tokens=12)
-    loss, _ = info.fn(replace(b, advantages=adv), spec, ctx)
-    return loss.item()
+    loss, _ = objective_loss(info, replace(b, advantages=adv), spec, ctx)
+    (grad,) = torch.autograd.grad(loss, b.logp)  # the update: some stabilizers change only the gradient
+    return torch.cat([loss.detach().reshape(1), grad.reshape(-1)])
 
 
-_CASES = [(n, f) for n in NAMES for f in sorted(OBJECTIVES[n].params | {"kl_coef", "advantage_std", "advantage_eps"})]
+_CASES = [(n, f) for n in NAMES for f in sorted(OBJECTIVES[n].params | (_ALWAYS_USED - LOOP_FIELDS))]
 # fields that matter only together with another one: the base the change is measured from
-_BASE_EXTRA = {"z_loss_form": {"z_loss_coef": 0.1}, "advantage_eps": {"advantage_std": "group"}}
+_BASE_EXTRA = {"z_loss_form": {"z_loss_coef": 0.1}, "advantage_eps": {"advantage_std": "group"},
+               "kl_estimator": {"kl_coef": 0.1}}
 
 
 @pytest.mark.parametrize("name, field", _CASES, ids=[f"{n}-{f}" for n, f in _CASES])
@@ -233,10 +250,37 @@ def test_every_declared_field_changes_the_loss(name, field):
     current = resolved(base, field)
     new = next(v for v in ALTERNATIVES[field] if v != current)
     changed = base.model_copy(update={field: new})
-    assert _pipeline_loss(changed) != pytest.approx(_pipeline_loss(base), rel=1e-9, abs=1e-12)
+    assert not torch.allclose(_pipeline_loss(changed), _pipeline_loss(base), rtol=1e-9, atol=1e-12)
 
 
 def test_every_algorithm_field_is_read_by_some_objective():
     covered = {f for _, f in _CASES}
     assert covered == set(AlgorithmSpec.model_fields) - LOOP_FIELDS
     assert set(ALTERNATIVES) == covered
+
+
+# --------------------------------------------------------------------------------------------------
+# Finite differences: the autograd gradient is the derivative of the loss (CISPO: of its surrogate,
+# the importance weight held fixed, which is how it is defined)
+
+
+@pytest.mark.parametrize("corrected", [False, True], ids=["plain", "rollout-corrected"])
+@pytest.mark.parametrize("name", NAMES)
+def test_gradient_matches_finite_differences(name, corrected):
+    if corrected and name in SOFTMAX_NAMES:
+        pytest.skip("apo/adpo weight the gradient only (the divergence's value is unchanged): tests/test_stabilizers_loss.py")
+    b = make_batch(n_groups=2, g=3, t=4, seed=12)
+    gen = torch.Generator().manual_seed(3)
+    engine = b.logp_old + 0.3 * torch.randn(b.logp_old.shape, generator=gen, dtype=torch.float64)
+    ctx = make_ctx(b)
+    wide = {"eps_low": 0.5, "eps_high": 0.5} if name in ("grpo", "dr_grpo", "gspo") else {}  # few clipped tokens
+    spec = AlgorithmSpec(objective=name, kl_coef=0.1, **wide,
+                         rollout_correction=RolloutCorrectionSpec(mode="token_truncate" if corrected else "off"))
+    log_ratio = (b.logp - b.logp_old).detach()
+
+    def f(x):
+        old = x - log_ratio if name == "cispo" else b.logp_old  # CISPO: the detached weight stays fixed
+        batch = replace(b, logp=x, logp_old=old, logp_engine=engine if corrected else None)
+        return objective_loss(get_objective(name), batch, spec, ctx)[0]
+
+    assert torch.autograd.gradcheck(f, (b.logp.detach().clone().requires_grad_(True),), eps=1e-6, atol=1e-8)

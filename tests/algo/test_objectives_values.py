@@ -307,3 +307,204 @@ def test_apo_float32_inputs_give_float32_loss_close_to_float64():
     assert l32.dtype == torch.float32
     assert l32.item() == pytest.approx(l64.item(), rel=1e-5)
     assert alpha_divergence(torch.zeros(1, 2), torch.zeros(1, 2), 0.3).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# CISPO and SAPO by hand (the two-sequence batch above: ratios [1.5, 0.9] with A = +1, [0.5] with A = -1)
+
+
+def test_cispo_by_hand():
+    b = _ratio_batch()
+    loss, m = run_loss("cispo", b, _ctx(tokens=3.0))  # cap 1 + 4 = 5: no ratio is capped
+    # -w A logp: seq 0: -1.5 (-1 + ln1.5) = 0.891802, -0.9 (-2 + ln0.9) = 1.894825; seq 1: +0.5 (-1 + ln0.5) = -0.846574
+    want = (-1.5 * (-1 + math.log(1.5)) - 0.9 * (-2 + math.log(0.9)) + 0.5 * (-1 + math.log(0.5))) / 3
+    assert loss.item() == pytest.approx(want, rel=1e-12)  # token mean over the 3 tokens = 0.646684
+    assert m["clip_ratio/high_mean"] == 0.0 and m["clip_ratio/low_mean"] == 0.0
+    loss.backward()
+    # the weight is detached: d/dlogp = -w A / 3 on every token, none dropped
+    torch.testing.assert_close(b.logp.grad, torch.tensor([[-1.5 / 3, -0.9 / 3], [0.5 / 3, 0.0]], dtype=F64))
+    b = _ratio_batch()
+    loss, m = run_loss("cispo", b, _ctx(tokens=3.0), eps_high=0.2)  # cap 1.2: token (0, 0) weighs 1.2, not 1.5
+    loss.backward()
+    torch.testing.assert_close(b.logp.grad, torch.tensor([[-1.2 / 3, -0.9 / 3], [0.5 / 3, 0.0]], dtype=F64))
+    assert m["clip_ratio/high_mean"] == pytest.approx(1 / 3)  # r 1.5 > 1.2 with A > 0
+
+
+def test_sapo_by_hand():
+    b = _ratio_batch()
+    loss, m = run_loss("sapo", b, _ctx(tokens=3.0))  # t+ = 1.0 (seq 0), t- = 1.05 (seq 1)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # per token -sigmoid(t (r - 1)) 4 / t A: seq 0: -4 s(0.5) = -2.4490, -4 s(-0.1) = -1.9000; seq 1: +4 s(-0.525) / 1.05
+    tok0 = [-4 * sig(0.5), -4 * sig(-0.1)]
+    tok1 = 4 * sig(1.05 * -0.5) / 1.05
+    assert loss.item() == pytest.approx((sum(tok0) / 2 + tok1) / 2, rel=1e-12)  # seq-mean of token means
+    loss.backward()
+    # d/dlogp = -4 s (1 - s) r A, weighted 1/4 (seq 0: 2 tokens, 2 seqs) and 1/2 (seq 1)
+    gate = lambda s, r, a: -4 * s * (1 - s) * r * a  # noqa: E731
+    want = [[gate(sig(0.5), 1.5, 1) / 4, gate(sig(-0.1), 0.9, 1) / 4], [gate(sig(-0.525), 0.5, -1) / 2, 0.0]]
+    torch.testing.assert_close(b.logp.grad, torch.tensor(want, dtype=F64), rtol=1e-12, atol=1e-15)
+    assert m["sapo/gate_mean"] == pytest.approx((4 * sig(0.5) * sig(-0.5) + 4 * sig(-0.1) * sig(0.1)
+                                                 + 4 * sig(-0.525) * sig(0.525)) / 3)
+
+
+def _loop_cispo_sapo(b: LossBatch, name: str, cap: float, t_pos: float, t_neg: float) -> list[torch.Tensor]:
+    """Per-sequence token losses of CISPO / SAPO from their definitions, one sequence at a time."""
+    out = []
+    for i in range(b.logp.shape[0]):
+        n, a = int(b.mask[i].sum()), b.advantages[i]
+        logp = b.logp[i, :n]
+        r = (logp - b.logp_old[i, :n]).exp()
+        if name == "cispo":
+            out.append(-torch.clamp(r, max=cap).detach() * a * logp)
+        else:
+            t = t_pos if a > 0 else t_neg
+            out.append(-torch.sigmoid(t * (r - 1)) * 4 / t * a)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("name", ["cispo", "sapo"])
+def test_cispo_sapo_vectorised_match_loop(name, seed):
+    b = make_batch(n_groups=5, g=4, t=8, seed=seed, std="group")
+    ctx = make_ctx(b, max_new_tokens=12)
+    per_seq = _loop_cispo_sapo(b, name, cap=1.3, t_pos=0.8, t_neg=1.7)
+    kw = {"eps_high": 0.3} if name == "cispo" else {"sapo_temperature_pos": 0.8, "sapo_temperature_neg": 1.7}
+    for mode, want in [("token_mean", sum(x.sum() for x in per_seq) / ctx.total_tokens),
+                       ("seq_mean_token_mean", sum(x.mean() for x in per_seq) / ctx.total_seqs),
+                       ("constant", sum(x.sum() for x in per_seq) / (ctx.total_seqs * 12))]:
+        loss, _ = run_loss(name, b, ctx, loss_aggregation=mode, **kw)
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+        g1 = torch.autograd.grad(loss, b.logp)[0]
+        g2 = torch.autograd.grad(want, b.logp, retain_graph=True)[0]
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------
+# Equality with TRL 1.16 (trl/trainer/grpo_trainer.py, GRPOTrainer._compute_loss and the importance
+# sampling of _generate_and_score_completions), transcribed here as reference functions: one process,
+# one micro-batch, gradient accumulation 1, use_bias_correction_kl=False (apo does not multiply the KL
+# by the policy ratio; docs/method.md).
+
+
+def _trl_is_ratio(old, sampling, mask, mode, clip_min, clip_max):
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    if mode in ("sequence_mask", "sequence_truncate"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode in ("sequence_truncate", "token_truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else -math.inf
+    hi = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), value=0.0)
+
+
+def _trl_high_entropy_mask(entropies, mask, threshold):
+    local = entropies[mask.bool()].float()
+    thr = torch.quantile(local, threshold)
+    return ((entropies * mask.float()) >= thr) & mask.bool()
+
+
+def _trl_off_policy_mask(advantages, logp, sampling, mask, threshold):
+    kl = torch.nan_to_num(sampling - logp.detach(), nan=0.0)
+    avg = (kl * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (avg <= threshold)).to(dtype=mask.dtype)
+
+
+def _trl_loss(loss_type, logp, old, mask, adv, *, level="token", eps_low=0.2, eps_high=0.2, max_len=None,
+              is_ratio=None, sampling=None, opsm=None, entropies=None, top_q=1.0, entropy_coef=0.0, beta=0.0,
+              ref=None, t_pos=1.0, t_neg=1.05):
+    adv = adv.unsqueeze(1)
+    entropy_mask = _trl_high_entropy_mask(entropies, mask, 1 - top_q) if top_q < 1.0 else None
+    if opsm is not None:
+        off_mask = _trl_off_policy_mask(adv, logp, sampling if sampling is not None else old, mask, opsm)
+    log_ratio = logp - old
+    if level == "token":
+        liw = log_ratio
+    else:
+        liw = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(liw)
+    if beta != 0.0:
+        kl = torch.exp(ref - logp) - (ref - logp) - 1
+    if loss_type == "cispo":
+        per = -torch.clamp(coef_1, max=eps_high).detach() * adv * logp
+    elif loss_type == "sapo":
+        # TRL passes python floats (a float32 result); the tensors' dtype here, for a 1e-12 comparison
+        temps = torch.where(adv > 0, torch.tensor(t_pos, dtype=adv.dtype), torch.tensor(t_neg, dtype=adv.dtype))
+        per = -torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps * adv
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        per = -torch.min(coef_1 * adv, coef_2 * adv)
+    if opsm is not None:
+        per = per * off_mask
+    if entropy_mask is not None:
+        per = per * entropy_mask
+    if is_ratio is not None:
+        per = per * is_ratio
+    if beta != 0.0:
+        per = per + beta * kl
+    if loss_type in ("grpo", "sapo"):
+        loss = ((per * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "dr_grpo":
+        loss = (per * mask).sum() / (per.size(0) * max_len)
+    else:  # bnpo, and cispo/dapo with num_items_in_batch = the batch's tokens
+        loss = (per * mask).sum() / mask.sum().clamp(min=1.0)
+    if entropy_coef:
+        eff = mask if entropy_mask is None else mask * entropy_mask
+        loss = loss - entropy_coef * (entropies * eff).sum() / eff.sum().clamp(min=1.0)
+    return loss
+
+
+# ours -> TRL: (objective, recipe fields, TRL loss_type, TRL arguments)
+_VS_TRL = [
+    ("grpo", {"loss_aggregation": "seq_mean_token_mean"}, "grpo", {}),
+    ("grpo", {}, "bnpo", {}),
+    ("dr_grpo", {}, "dr_grpo", {"max_len": 9}),
+    ("gspo", {}, "grpo", {"level": "sequence", "eps_low": 3e-4, "eps_high": 4e-4}),
+    ("cispo", {}, "cispo", {"eps_high": 5.0}),
+    ("sapo", {}, "sapo", {}),
+]
+_STABILIZERS = {
+    "none": {},
+    "token_truncate": {"rollout_correction": {"mode": "token_truncate", "clip_max": 1.3, "clip_min": 0.8}},
+    "token_mask": {"rollout_correction": {"mode": "token_mask", "clip_max": 1.3, "clip_min": 0.8}},
+    "sequence_truncate": {"rollout_correction": {"mode": "sequence_truncate", "clip_max": 1.5, "clip_min": 0.6}},
+    "sequence_mask": {"rollout_correction": {"mode": "sequence_mask", "clip_max": 1.5}},
+    "off_policy_mask": {"off_policy_mask_threshold": 0.05},
+    "off_policy_mask_engine": {"off_policy_mask_threshold": 0.05, "rollout_correction": {"mode": "off"}},
+    "entropy": {"top_entropy_quantile": 0.4, "entropy_coef": 0.1},
+    "kl_all": {"kl_coef": 0.05, "rollout_correction": {"mode": "token_mask", "clip_max": 1.2},
+               "off_policy_mask_threshold": 0.0, "top_entropy_quantile": 0.7, "entropy_coef": 0.02},
+}
+
+
+@pytest.mark.parametrize("stab", sorted(_STABILIZERS))
+@pytest.mark.parametrize("ours, fields, trl_type, trl_kw", _VS_TRL, ids=[f"{o}-{t}" for o, _, t, _ in _VS_TRL])
+def test_equals_trl_on_identical_tensors(ours, fields, trl_type, trl_kw, stab):
+    from dataclasses import replace
+
+    from apo_cli.algo import objective_loss
+
+    b = make_batch(n_groups=3, g=4, t=6, seed=21, std="group")
+    gen = torch.Generator().manual_seed(5)
+    engine = b.logp_old + 0.15 * torch.randn(b.logp_old.shape, generator=gen, dtype=F64)
+    entropy = 2 * torch.rand(b.logp.shape, generator=gen, dtype=F64) * b.mask
+    extra = _STABILIZERS[stab]
+    with_engine = "rollout_correction" in extra and extra["rollout_correction"]["mode"] != "off" \
+        or stab == "off_policy_mask_engine"
+    spec = AlgorithmSpec(objective=ours, **fields, **extra)
+    batch = replace(b, logp_engine=engine if with_engine else None, entropy=entropy)
+    ctx = make_ctx(b, max_new_tokens=9)
+    loss, _ = objective_loss(get_objective(ours), batch, spec, ctx)
+
+    rc = spec.rollout_correction
+    is_ratio = None
+    if with_engine and rc.mode != "off":
+        is_ratio = _trl_is_ratio(b.logp_old, engine, b.mask, rc.mode, rc.clip_min, rc.clip_max)
+    want = _trl_loss(trl_type, b.logp, b.logp_old, b.mask, b.advantages, is_ratio=is_ratio,
+                     sampling=engine if with_engine else None, opsm=spec.off_policy_mask_threshold,
+                     entropies=entropy, top_q=spec.top_entropy_quantile, entropy_coef=spec.entropy_coef,
+                     beta=spec.kl_coef, ref=b.logp_ref, **trl_kw)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+    g_ours = torch.autograd.grad(loss, b.logp)[0]
+    g_trl = torch.autograd.grad(want, b.logp)[0] * b.mask
+    torch.testing.assert_close(g_ours, g_trl, rtol=1e-10, atol=1e-14)

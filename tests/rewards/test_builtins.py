@@ -27,7 +27,8 @@ PATHOLOGICAL = (r"9^{9^{9^{9}}}", r"9^{9^{9^{8}}}")  # sympy tries to evaluate b
 
 
 def test_registry_names():
-    assert set(REWARDS) == {"math_verify", "exact_match", "format", "repetition", "length", "reference", "reasoning_gym"}
+    assert set(REWARDS) == {"math_verify", "exact_match", "format", "repetition", "length", "reference", "reasoning_gym",
+                            "overlong"}
 
 
 def test_importing_rewards_is_cheap():
