@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
 from typing import Any
 
 import torch
 
-from apo_cli.runtime.world import World, destroy_process_group, init_process_group
 from apo_cli.runtime.fsdp import gathered, shard
+from apo_cli.runtime.threads import torch_threads
+from apo_cli.runtime.world import World, destroy_process_group, init_process_group
 from backends import Completion, SamplingParams
 from backends.decoding import DecodingSampler
 
@@ -41,9 +41,8 @@ class CPUBackend:
         self.device = torch.device("cpu")
         self.world = World.from_env()
         self._sampler: DecodingSampler | None = None  # built by setup
-        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.world.distributed else 1
-        threads = getattr(spec, "threads", None) or max(1, (os.cpu_count() or 1) // max(local_procs, 1))
-        torch.set_num_threads(threads)
+        # backend.threads, else OMP_NUM_THREADS, else the affinity mask's cores shared out (runtime/threads.py)
+        torch.set_num_threads(torch_threads(getattr(spec, "threads", None)))
         self.autocast_dtype = torch.bfloat16 if getattr(spec, "dtype", "float32") == "bfloat16" else None
 
     # -- Protocol ---------------------------------------------------------------------------------

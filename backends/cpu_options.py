@@ -19,7 +19,9 @@ __all__ = ["CPU", "CPUBackendSpec"]
 
 class CPUBackendSpec(BackendOptions):
     kind: Literal["cpu"] = "cpu"
-    threads: int | None = Field(None, ge=1, description="torch threads (default: all cores, shared out among the processes under torchrun).")
+    threads: int | None = Field(None, ge=1, description=(
+        "torch threads (default: OMP_NUM_THREADS when set, else the cores of the CPU affinity mask, shared "
+        "out among the processes under torchrun; apo_cli/runtime/threads.py)."))
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Autocast dtype for generation and training forward passes."
     )

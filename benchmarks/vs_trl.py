@@ -26,16 +26,34 @@ the same objective and sampling:
   the same torch thread count.
 
 Each side runs in its own subprocess (so peak RSS, ``ru_maxrss``, is its own: imports, model,
-optimizer, the run), and runs alternate (apo, TRL, TRL, apo, ...) so that load from other processes
-hits both alike. Step time is the wall time between consecutive ends of optimizer steps (the
-first step is a warm-up and not counted); CPU time is the process's (all threads), which
-other processes' load disturbs less. completions/s = P·G / step time; tokens/s = completion tokens
-/ step time.
+optimizer, the run), and runs alternate (apo, TRL, TRL, apo, ...: each pair of rounds is
+symmetric, so a load that drifts linearly over the run hits both sides alike). Step time is the
+wall time between consecutive ends of optimizer steps (the first step is a warm-up and not
+counted); CPU time is the process's (all threads), which other processes' load disturbs less.
+completions/s = P·G / step time; tokens/s = completion tokens / step time.
+
+Contention (``--contend N``): N busy processes (``python -c "while 1: pass"``) run beside both sides
+for the whole benchmark, started before the first round and stopped after the last, so each side
+shares the cores with the same load. Each side runs as its library ships: the apo child starts like
+the ``apo`` command (``apo_cli.runtime.threads.configure_process()`` before torch is imported:
+OpenMP's idle threads sleep instead of spinning); TRL with libgomp's defaults.
+``--same-wait-policy`` gives TRL the same ``OMP_WAIT_POLICY=PASSIVE``, to tell that part of the
+difference from the rest. Both sides get ``--threads`` torch threads (default: the cores of the
+affinity mask).
+
+Training MFU: the training FLOPs of the step as apo counts them (``apo_cli.perf.FlopModel``:
+forward + backward of each prompt once per group and of each completion; the same count on both
+sides, so the ratio of MFUs is that of useful work per second) over the training phase's seconds ×
+the peak of a matmul calibration with the side's thread count (``backends.cpu.calibrate_matmul``).
+The training phase is apo's ``time/train``; TRL's is the step time less the time spent in
+``GRPOTrainer._generate_and_score_completions`` (generation, rewards, advantages). TRL's FLOPs
+use the step's mean completion length (TRL logs no lengths per sequence).
 
 Usage (TRL is a benchmark-only dependency: ``pip install --no-deps trl==1.16.0``)::
 
     APO_CACHE=/tmp/apocache python benchmarks/vs_trl.py --model tiny-random --steps 6
     APO_CACHE=/tmp/apocache python benchmarks/vs_trl.py --model smollm2-135m-instruct --steps 3 --rounds 2
+    APO_CACHE=/tmp/apocache python benchmarks/vs_trl.py --model smollm2-135m-instruct --steps 4 --rounds 2 --contend 1
 """
 
 from __future__ import annotations
@@ -104,8 +122,11 @@ class _StepClock:
         self.tokens.append(tokens)
         self.rss_mb = _rss_mb()
 
+    def wall_steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.wall, self.wall[1:])]
+
     def result(self, side: str, n_completions: int, extra: dict[str, Any]) -> dict[str, Any]:
-        return {"side": side, "step_wall": [b - a for a, b in zip(self.wall, self.wall[1:])],
+        return {"side": side, "step_wall": self.wall_steps(),
                 "step_cpu": [b - a for a, b in zip(self.cpu, self.cpu[1:])], "tokens": self.tokens,
                 "completions_per_step": n_completions, "peak_rss_mb": self.rss_mb, **extra}
 
@@ -125,18 +146,21 @@ def run_apo(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     clock = _StepClock()
     one_step = trainer.one_step
     rewards: list[float] = []
+    mfu: list[float] = []
 
     def timed_step():
         record, samples = one_step()
         clock.tick(record["completions/mean_length"] * args.prompts * args.group)
         rewards.append(record["reward"])
+        mfu.append(record.get("perf/mfu", float("nan")))
         return record, samples
 
     trainer.one_step = timed_step
     clock.__init__()
     trainer.train()
     trainer.backend.close()
-    return clock.result("apo", args.prompts * args.group, {"reward": rewards, "threads": torch.get_num_threads()})
+    return clock.result("apo", args.prompts * args.group, {"reward": rewards, "threads": torch.get_num_threads(),
+                                                           "mfu": mfu, "wait_policy": _wait_policy()})
 
 
 def trl_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Any, str, bool]:
@@ -223,10 +247,53 @@ def run_trl(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 log_lines.append(dict(logs))
     trainer = GRPOTrainer(model=model, reward_funcs=[exact_match_reward], args=config,
                           train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Clock()])
+    gen = _GenerationClock(trainer, args.group)
+    peak = _peak(args)
     trainer.train()
     clock.tokens = [entry["completions/mean_length"] * n for entry in log_lines][: len(clock.tokens)]
+    mfu = [f / max(w - g, 1e-9) / peak for f, w, g in zip(gen.flops, clock.wall_steps(), gen.seconds)]
     return clock.result("trl", n, {"reward": [entry.get("reward", float("nan")) for entry in log_lines],
-                                   "threads": torch.get_num_threads(), "optim": config.optim})
+                                   "threads": torch.get_num_threads(), "optim": config.optim, "mfu": mfu,
+                                   "wait_policy": _wait_policy()})
+
+
+class _GenerationClock:
+    """Seconds in TRL's generation phase per call (rollout, rewards, advantages), and the training
+    FLOPs of what it produced, counted as apo counts them (apo_cli.perf.FlopModel)."""
+
+    def __init__(self, trainer: Any, group: int):
+        from apo_cli.perf import FlopModel
+
+        self.seconds: list[float] = []
+        self.flops: list[float] = []
+        model = FlopModel.of(trainer.model)
+        inner = trainer._generate_and_score_completions
+
+        def timed(inputs):
+            t0 = time.perf_counter()
+            out = inner(inputs)
+            self.seconds.append(time.perf_counter() - t0)
+            p = out["prompt_mask"].sum(-1).tolist()  # [P*G] prompt tokens of each row (a group's rows are adjacent)
+            c = out["completion_mask"].sum(-1).tolist()  # [P*G]
+            self.flops.append(sum(model.train(int(p[i]), [int(x) for x in c[i:i + group]])
+                                  for i in range(0, len(c), group)))
+            return out
+
+        trainer._generate_and_score_completions = timed
+
+
+def _peak(args: argparse.Namespace) -> float:
+    import torch
+
+    from backends.cpu import calibrate_matmul
+
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    return calibrate_matmul(torch.get_num_threads(), dtype)[0]
+
+
+def _wait_policy() -> str:
+    return os.environ.get("OMP_WAIT_POLICY") or (f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
+                                                if "GOMP_SPINCOUNT" in os.environ else "libgomp default (spin)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,7 +302,11 @@ def run_trl(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def run_side(side: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--side", side, "--json-out", str(out)] + _passthrough(args)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    if side == "trl" and args.same_wait_policy and not any(v in env for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # what configure_process gives the apo side
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -256,13 +327,39 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
     walls = [w for r in runs for w in r["step_wall"][1:]]  # the first step of each run is a warm-up
     cpus = [c for r in runs for c in r["step_cpu"][1:]]
     toks = [t for r in runs for t in r["tokens"][1:]]
+    mfus = [m for r in runs for m in r.get("mfu", [])[1:] if m == m]
     wall = statistics.median(walls)
     n = runs[0]["completions_per_step"]
     return {
         "step_s": wall, "cpu_s": statistics.median(cpus), "completions_per_s": n / wall,
         "tokens_per_s": statistics.mean(toks) / wall, "mean_len": statistics.mean(toks) / n,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "steps": len(walls),
+        "mfu_pct": 100 * statistics.median(mfus) if mfus else float("nan"),
     }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def busy_processes(n: int) -> list[subprocess.Popen]:
+    """``n`` pure busy loops (each wants one core for as long as it runs)."""
+    return [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(n)]
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait()
 
 
 def main() -> None:
@@ -275,7 +372,11 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=16, help="sequences per forward/backward (a multiple of G)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="torch threads of each side (default: the cores of the affinity mask)")
+    ap.add_argument("--contend", type=int, default=0, help="busy processes running beside both sides")
+    ap.add_argument("--same-wait-policy", action="store_true",
+                    help="give TRL apo's OMP_WAIT_POLICY=PASSIVE too (default: each side as it ships)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
@@ -285,6 +386,10 @@ def main() -> None:
         raise SystemExit("--micro must be a multiple of --group and divide --prompts x --group")
 
     if args.side:  # child
+        if args.side == "apo":  # as the apo command starts: before anything imports torch
+            from apo_cli.runtime.threads import configure_process
+
+            configure_process()
         with tempfile.TemporaryDirectory(prefix=f"apo-vs-trl-{args.side}-") as tmp:
             res = (run_apo if args.side == "apo" else run_trl)(args, Path(tmp))
         Path(args.json_out).write_text(json.dumps(res))
@@ -298,30 +403,47 @@ def main() -> None:
     print(f"apo vs TRL {trl.__version__} GRPOTrainer | model {args.model} | {args.prompts} prompts x G={args.group}, "
           f"max_new_tokens {args.max_new_tokens}, micro-batch {args.micro} "
           f"(TRL grad-accum {args.prompts * args.group // args.micro}) | GRPO token-mean (dapo), beta 0 | "
-          f"{args.dtype}, {args.threads} threads | {args.steps} steps x {args.rounds} rounds", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
-    with tempfile.TemporaryDirectory(prefix="apo-vs-trl-") as tmp:
-        for r in range(args.rounds):
-            for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
-                load = os.getloadavg()[0]
-                res = run_side(side, args, Path(tmp) / f"{side}-{r}.json")
-                runs[side].append(res)
-                walls = ", ".join(f"{w:.2f}" for w in res["step_wall"])
-                cpus = ", ".join(f"{c:.2f}" for c in res["step_cpu"])
-                print(f"  round {r + 1} {side:3}: steps {walls} s (cpu {cpus}), peak RSS {res['peak_rss_mb']:.0f} MB, "
-                      f"load avg {load:.1f}", flush=True)
+          f"{args.dtype}, {args.threads} threads | {args.steps} steps x {args.rounds} rounds | "
+          f"{args.contend} busy processes beside | {cpu_name()}, {os.cpu_count()} CPUs", flush=True)
+    runs = alternate(args)
     a, t = summarize(runs["apo"]), summarize(runs["trl"])
     rows = [("step time (s, median)", "step_s", "{:.3f}"), ("CPU s / step (median)", "cpu_s", "{:.3f}"),
             ("completions / s", "completions_per_s", "{:.2f}"), ("completion tokens / s", "tokens_per_s", "{:.1f}"),
-            ("mean completion length", "mean_len", "{:.1f}"), ("peak RSS (MB)", "peak_rss_mb", "{:.0f}")]
+            ("mean completion length", "mean_len", "{:.1f}"), ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
+            ("training MFU (%)", "mfu_pct", "{:.2f}")]
     print(f"\n{'':26}{'apo':>12}{'TRL':>12}{'apo / TRL':>12}")
     for label, key, fmt in rows:
         print(f"{label:26}{fmt.format(a[key]):>12}{fmt.format(t[key]):>12}{a[key] / t[key]:>11.2f}x")
-    print(f"measured steps: apo {a['steps']}, TRL {t['steps']} | load average now {os.getloadavg()[0]:.1f} "
+    policies = {side: runs[side][0].get("wait_policy", "?") for side in SIDES}
+    print(f"measured steps: apo {a['steps']}, TRL {t['steps']} | {args.contend} busy processes | OpenMP waiting: "
+          f"apo {policies['apo']}, TRL {policies['trl']} | load average now {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores")
-    print(f"apo completions/s = {a['completions_per_s'] / t['completions_per_s']:.2f} x TRL's (target >= 2); "
-          f"apo CPU time per step = {t['cpu_s'] / a['cpu_s']:.2f} x less than TRL's")
+    target = 2.5 if args.contend == 0 else 2.0
+    print(f"apo completions/s = {a['completions_per_s'] / t['completions_per_s']:.2f} x TRL's (target >= {target}); "
+          f"apo CPU time per step = {t['cpu_s'] / a['cpu_s']:.2f} x less than TRL's; "
+          f"peak RSS apo / TRL = {a['peak_rss_mb'] / t['peak_rss_mb']:.2f} (target <= 1)")
 
+
+def alternate(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """``args.rounds`` runs of each side, alternating (apo, TRL, TRL, apo, ...), with ``args.contend``
+    busy processes beside them all along."""
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
+    busy = busy_processes(args.contend)
+    try:
+        with tempfile.TemporaryDirectory(prefix="apo-vs-trl-") as tmp:
+            for r in range(args.rounds):
+                for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+                    load = os.getloadavg()[0]
+                    res = run_side(side, args, Path(tmp) / f"{side}-{r}.json")
+                    runs[side].append(res)
+                    walls = ", ".join(f"{w:.2f}" for w in res["step_wall"])
+                    cpus = ", ".join(f"{c:.2f}" for c in res["step_cpu"])
+                    mfu = ", ".join(f"{100 * m:.1f}" for m in res.get("mfu", []))
+                    print(f"  round {r + 1} {side:3}: steps {walls} s (cpu {cpus}; MFU % {mfu}), "
+                          f"peak RSS {res['peak_rss_mb']:.0f} MB, load avg {load:.1f}", flush=True)
+    finally:
+        stop_processes(busy)
+    return runs
 
 if __name__ == "__main__":
     main()
