@@ -190,7 +190,10 @@ class EvalTask:
         if self._digest is None:
             h = hashlib.sha256()
             for ex in self.examples:
-                h.update(json.dumps([ex.prompt, ex.answer, _jsonable(ex.columns)], sort_keys=True).encode())
+                row = [ex.prompt, ex.answer, _jsonable(ex.columns)]
+                if getattr(ex, "messages", None):  # a chat prompt: the whole conversation (text rows hash as before)
+                    row.append(_jsonable(ex.messages))
+                h.update(json.dumps(row, sort_keys=True).encode())
             self._digest = h.hexdigest()
         return {"data": self.spec.model_dump(mode="json"), "problems": self._digest,
                 "rewards": [r.model_dump(mode="json") for r in self.rewards]}

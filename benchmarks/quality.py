@@ -24,7 +24,7 @@ table). Interrupted, the same command continues where it stopped.
 Methods (``--methods``, any subset; the first is the baseline of the differences): the five above;
 the z-loss forms of issue 15 in the off-policy regime where u moves (2 mini-batches per rollout; at
 u = 0 alone the centred form has no gradient): "APO 2mb", "APO 2mb z ref", "APO 2mb z centred"; and
-DAPO's dynamic sampling (groups without reward spread resampled): "APO dynamic", "GRPO dynamic".
+DAPO's dynamic sampling (groups without reward spread resampled): "APO dynamic", "GRPO dynamic", "GSPO dynamic".
 A new method is one entry of ``METHODS``: an objective and `apo compare --set` fields.
 
 Usage::
@@ -64,6 +64,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                                   "algorithm.z_loss_form": "centred"}),
     "APO dynamic": ("apo", {"rollout.dynamic_sampling.enabled": True}),
     "GRPO dynamic": ("grpo", {"rollout.dynamic_sampling.enabled": True}),
+    "GSPO dynamic": ("gspo", {"rollout.dynamic_sampling.enabled": True}),
 }
 DEFAULT_METHODS = ["APO guarded", "APO reward_conf", "ADPO", "GRPO", "GSPO"]
 

@@ -249,3 +249,20 @@ def test_table_never_cuts_the_model_names(capsys, monkeypatch, terminal):
     assert whole == names, out
     if not terminal:  # a file or a pipe: one line per row
         assert all(name in out for name in names), out
+
+
+def test_eval_cache_key_tells_chat_prompts_apart_by_their_earlier_messages():
+    """Two eval sets whose rows differ only in an earlier message must not share cached results."""
+    from apo_cli.data.example import Example
+    from apo_cli.data.spec import DataSpec
+    from apo_cli.evaluation import EvalTask
+
+    def task(first: str) -> EvalTask:
+        msgs = ({"role": "user", "content": first}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "2+2?"})
+        return EvalTask("t", DataSpec(source="x.jsonl"), [Example(0, "2+2?", "4", messages=msgs)], [])
+
+    text = EvalTask("t", DataSpec(source="x.jsonl"), [Example(0, "2+2?", "4")], [])
+    assert task("be brief").key() != task("be verbose").key()
+    assert task("be brief").key() == task("be brief").key()
+    assert text.key() != task("be brief").key()
