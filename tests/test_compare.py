@@ -322,6 +322,17 @@ def test_statistics_by_hand():
     assert "not distinguishable with 1 seed " in verdict("g", "a", "x", {**d, "n": 1})
 
 
+def test_a_dynamic_sampling_step_counts_the_reward_of_everything_it_sampled():
+    """With dynamic sampling ``reward`` covers only the trained groups (those with spread): the
+    report reads ``sampling/reward``, and a step that trained nothing still has a reward."""
+    from apo_cli.compare.report import step_rewards
+
+    rows = [{"step": 1, "reward": 0.5, "sampling/reward": 0.9},  # spread groups read near the middle
+            {"step": 2, "sampling/reward": 1.0},  # every group flat: no update, no "reward"
+            {"step": 3, "reward": 0.25}, {"step": 4}]
+    assert step_rewards(rows) == [0.9, 1.0, 0.25, 0.25]
+
+
 def test_report_on_written_runs(tmp_path, cli):
     for seed, (lo, hi) in enumerate([(0.1, 0.5), (0.2, 0.6), (0.0, 0.4)]):
         fake_run(tmp_path, f"base-s{seed}", [lo] * 10, evals=[lo])

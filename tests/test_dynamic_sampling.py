@@ -62,6 +62,8 @@ def test_the_trained_groups_all_have_spread_and_round_zero_is_the_plain_rollout(
     # the reward metrics cover every completion sampled: the filtered groups (all 0.5 here) and the trained
     n = rounds * 16
     assert m["rewards/flat_on_odd/mean"] == pytest.approx((float(ro.rewards.sum()) + 0.5 * 4 * filtered) / n)
+    # sampling/reward is the policy's reward over the same completions (one reward: its mean)
+    assert m["sampling/reward"] == pytest.approx(m["rewards/flat_on_odd/mean"])
 
 
 def test_a_step_out_of_rounds_trains_whole_mini_batches_of_the_informative_groups(tmp_path):
@@ -83,7 +85,7 @@ def test_a_step_without_informative_groups_makes_no_update_and_says_so(tmp_path,
     for r in rows:
         assert (r["sampling/dynamic_rounds"], r["sampling/filtered_groups"], r["sampling/trained_groups"]) == (2, 8, 0)
         assert "loss" not in r and "grad_norm" not in r and r["skipped_steps"] == 0
-        assert r["rewards/constant/mean"] == 1.0
+        assert r["rewards/constant/mean"] == 1.0 and r["sampling/reward"] == 1.0 and "reward" not in r
     assert rows[-1]["epoch"] == 2 * 2 * 4 / 200  # two steps of two rounds of four prompts
     ckpt = tmp_path / "none" / "checkpoints"
     assert _same_weights(ckpt / "step-1", ckpt / "step-2")

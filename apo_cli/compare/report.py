@@ -2,7 +2,11 @@
 
 Per run (its metrics.jsonl and eval.jsonl; only finished runs are counted):
 
-- ``final reward``: the mean training reward over the last 10 % of the steps (at least one step);
+- ``final reward``: the mean training reward over the last 10 % of the steps (at least one step).
+  A step's reward is ``reward``, or with dynamic sampling ``sampling/reward`` (every completion the
+  step sampled: ``reward`` there covers only the groups with spread, which were trained, so arms
+  with and without dynamic sampling would not compare alike); a step with neither (none in a run
+  apo wrote) repeats the step before;
 - ``held-out mean@k`` / ``pass@k``: the evaluation at the run's last evaluated step, from evaluation
   during training (the ``eval:`` section) or else the newest record `apo eval` wrote to eval.jsonl;
 - ``steps to T``: the first step at which the reward's moving average (``window`` steps) reaches the
@@ -127,6 +131,17 @@ def _eval_values(records: list[dict[str, Any]]) -> tuple[list[tuple[int, dict[st
     return train, final
 
 
+def step_rewards(rows: list[dict[str, Any]]) -> list[float]:
+    """The reward of each step: ``sampling/reward`` (dynamic sampling: every sampled completion), else
+    ``reward``; a row with neither repeats the one before (0 before the first)."""
+    out: list[float] = []
+    for x in rows:
+        v = _num(x.get("sampling/reward"))
+        v = _num(x.get("reward")) if v is None else v
+        out.append(v if v is not None else (out[-1] if out else 0.0))
+    return out
+
+
 def _run(arm: str, seed: int, path: Path, warn: Callable[[str], None]) -> RunResult:
     from apo_cli.inspect import load_run
 
@@ -134,7 +149,7 @@ def _run(arm: str, seed: int, path: Path, warn: Callable[[str], None]) -> RunRes
     rows = run.rows
     evals, final = _eval_values(run.evals)
     r = RunResult(arm, seed, path, int(rows[-1]["step"]), run.max_steps,
-                  [_num(x.get("reward")) or 0.0 for x in rows], [_num(x.get("alpha")) for x in rows], evals)
+                  step_rewards(rows), [_num(x.get("alpha")) for x in rows], evals)
     lengths = [v for x in rows if (v := _num(x.get("completions/mean_length"))) is not None]
     r.values = {"final_reward": final_reward(r.rewards), "noise": noise(r.rewards),
                 "completion_length": statistics.fmean(lengths) if lengths else None,

@@ -14,7 +14,10 @@ dropped, as in DAPO). A step that ran out of rounds trains on what there is, cut
 multiple of ``algorithm.mini_batches`` × the number of torchrun processes (every mini-batch and
 every process gets as many whole groups); with none left it makes no update. The metrics say so:
 ``sampling/dynamic_rounds``, ``sampling/filtered_groups`` (zero-spread groups dropped),
-``sampling/trained_groups``.
+``sampling/trained_groups``, and ``sampling/reward``: the mean total reward of every completion the
+step sampled, the policy's reward (``reward`` covers only the trained groups, which have spread, so
+it reads near the middle of the reward range whatever the policy does; `apo compare` reads
+``sampling/reward`` when it is there).
 
 Round k of step s samples with the seed ``round_seed(seed, s, k)`` (round 0: the step's seed, as
 without dynamic sampling) and every round's prompts come from the one data order, whose position
@@ -97,11 +100,13 @@ def collect(t: Any) -> tuple[Rollout, torch.Tensor | None, dict[str, float]]:
     r, G = t.recipe, t.G
     ds, want = r.rollout.dynamic_sampling, r.rollout.prompts_per_step
     rounds: list[_Round] = []
+    sampled: list[float] = []  # every completion's total reward, all rounds
     kept: list[tuple[int, int]] = []  # (round, group) of the informative groups, in sampling order
     filtered = 0
     for k in range(ds.max_rounds if ds.enabled else 1):
         rounds.append(_sample_round(t, k))
         rewards = torch.tensor(rounds[-1].scored.rewards.total, dtype=torch.float32)
+        sampled += rewards.tolist()
         flat = zero_spread(rewards, G).tolist() if ds.enabled else [False] * want
         kept += [(k, g) for g in range(want) if not flat[g]]
         filtered += sum(flat)
@@ -113,7 +118,8 @@ def collect(t: Any) -> tuple[Rollout, torch.Tensor | None, dict[str, float]]:
     metrics = dict(merge_outputs([x.scored.rewards for x in rounds]).metrics)
     if ds.enabled:
         metrics.update({"sampling/dynamic_rounds": float(len(rounds)), "sampling/filtered_groups": float(filtered),
-                        "sampling/trained_groups": float(len(kept))})
+                        "sampling/trained_groups": float(len(kept)),
+                        "sampling/reward": sum(sampled) / len(sampled)})
     return ro, correct, metrics
 
 
