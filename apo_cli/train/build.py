@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from apo_cli.algo.objectives import get_objective
+from apo_cli.train.embedding import row_gradient_embedding
 from apo_cli.algo.schedules import TauSchedule, make_alpha_schedule
 from apo_cli.checkpoint import check_run_dir, read_trainer_state
 from apo_cli.errors import ApoError, BackendError, DataError, RunDirError, UsageError
@@ -119,6 +120,7 @@ def _place(r: Recipe, world: World, p: dict[str, Any]) -> Built:
 
     backend = p["backend"]
     model = backend.setup(p["model"], p["tok"])
+    row_gradient_embedding(model, backend.device)
     ref = p["ref"]
     if ref is not None:  # where the policy is: on its device, and sharded like it under torchrun
         ref = ref.to(backend.device)
