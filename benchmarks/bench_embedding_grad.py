@@ -38,7 +38,7 @@ def main() -> None:
 
     from apo_cli.batching import completion_logprobs, pack
     from apo_cli.models import quiet_transformers, resolve_model_path
-    from apo_cli.train.embedding import _forward, row_gradient_embedding
+    from apo_cli.train.embedding import row_gradient_embedding
 
     quiet_transformers()
     torch.set_num_threads(args.threads)
@@ -53,6 +53,7 @@ def main() -> None:
     dense_forward = emb.forward
     if not row_gradient_embedding(model, torch.device("cpu")):
         raise SystemExit(f"{args.model}: its input embedding is not tied to the output head; nothing to compare")
+    rows_forward = emb.forward
 
     def step() -> tuple[float, list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
@@ -67,7 +68,7 @@ def main() -> None:
     step()  # warm-up
     for r in range(args.rounds):
         for kind in (("dense", "rows") if r % 2 == 0 else ("rows", "dense")):
-            emb.forward = dense_forward if kind == "dense" else _forward.__get__(emb)
+            emb.forward = dense_forward if kind == "dense" else rows_forward
             s, grads[kind] = step()
             times[kind].append(s)
     d, w = statistics.median(times["dense"]), statistics.median(times["rows"])

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from apo_cli.algo.objectives import get_objective
-from apo_cli.train.embedding import row_gradient_embedding
 from apo_cli.algo.schedules import TauSchedule, make_alpha_schedule
 from apo_cli.checkpoint import check_run_dir, read_trainer_state
 from apo_cli.errors import ApoError, BackendError, DataError, RunDirError, UsageError
 from apo_cli.runtime.fsdp import check_shardable, is_sharded, shard
 from apo_cli.runtime.world import World
 from apo_cli.sampling import prompt_limit
+from apo_cli.train.embedding import row_gradient_embedding
 from apo_cli.train.policy import Policy, disable_dropout
 from apo_cli.train.state import DataOrder, TrainState, check_objective, verify_resumable
 from backends import create_backend

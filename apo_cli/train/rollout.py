@@ -100,13 +100,11 @@ def collect(t: Any) -> tuple[Rollout, torch.Tensor | None, dict[str, float]]:
     r, G = t.recipe, t.G
     ds, want = r.rollout.dynamic_sampling, r.rollout.prompts_per_step
     rounds: list[_Round] = []
-    sampled: list[float] = []  # every completion's total reward, all rounds
     kept: list[tuple[int, int]] = []  # (round, group) of the informative groups, in sampling order
     filtered = 0
     for k in range(ds.max_rounds if ds.enabled else 1):
         rounds.append(_sample_round(t, k))
         rewards = torch.tensor(rounds[-1].scored.rewards.total, dtype=torch.float32)
-        sampled += rewards.tolist()
         flat = zero_spread(rewards, G).tolist() if ds.enabled else [False] * want
         kept += [(k, g) for g in range(want) if not flat[g]]
         filtered += sum(flat)
@@ -117,6 +115,7 @@ def collect(t: Any) -> tuple[Rollout, torch.Tensor | None, dict[str, float]]:
     ro, correct = _select(rounds, kept, G)
     metrics = dict(merge_outputs([x.scored.rewards for x in rounds]).metrics)
     if ds.enabled:
+        sampled = [v for x in rounds for v in x.scored.rewards.total]  # every completion of every round
         metrics.update({"sampling/dynamic_rounds": float(len(rounds)), "sampling/filtered_groups": float(filtered),
                         "sampling/trained_groups": float(len(kept)),
                         "sampling/reward": sum(sampled) / len(sampled)})
