@@ -19,6 +19,10 @@ tied to the output head is a lookup and is left out). Counted: every epoch's upd
 reference's forward, and the no-grad anchor pass where the step takes one. The peak comes from the
 backend (``peak_flops()``: a table of GPUs, bf16 dense; on CPU a short matmul calibration at start-up,
 recorded in ``<run>/perf.json``), or from ``APO_PEAK_FLOPS`` (FLOP/s) when set.
+
+``perf/threads`` (CPU backend): torch's intra-op threads during the step; unless ``backend.threads``
+or ``OMP_NUM_THREADS`` fixes it, it follows the cores other processes leave free
+(``apo_cli.runtime.threads.ThreadGovernor``).
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class Perf:
     def __init__(self, model: Any, backend: Any, recipe: Any, world_size: int = 1):
         self.flops = FlopModel.of(model)
         self.peak = device_peak(backend)
+        self._threads = getattr(backend, "threads", None)  # a CPU backend's thread count, step by step
         self.recipe, self.world_size = recipe, world_size
         self.shared = not getattr(recipe.model, "gradient_checkpointing", False)  # prompts run once per group
 
@@ -124,6 +129,8 @@ class Perf:
             "perf/train/completion_tokens_per_s": a.epochs * completion / t_train,
             "perf/train/flops_per_s": flops / t_train,  # all processes together
         }
+        if callable(self._threads):
+            out["perf/threads"] = float(self._threads())
         if self.peak is not None and self.peak[0] > 0:
             out["perf/mfu"] = flops / (t_train * self.peak[0] * self.world_size)
         return out

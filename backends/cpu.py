@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from apo_cli.runtime.fsdp import gathered, shard
-from apo_cli.runtime.threads import torch_threads
+from apo_cli.runtime.threads import ThreadGovernor, torch_threads, user_threads
 from apo_cli.runtime.world import World, destroy_process_group, init_process_group
 from backends import Completion, SamplingParams
 from backends.decoding import DecodingSampler
@@ -41,8 +41,12 @@ class CPUBackend:
         self.device = torch.device("cpu")
         self.world = World.from_env()
         self._sampler: DecodingSampler | None = None  # built by setup
-        # backend.threads, else OMP_NUM_THREADS, else the affinity mask's cores shared out (runtime/threads.py)
-        torch.set_num_threads(torch_threads(getattr(spec, "threads", None)))
+        # backend.threads, else OMP_NUM_THREADS, else the affinity mask's cores shared out (runtime/threads.py);
+        # in that last case the training phase's count follows the cores other processes leave free
+        requested = getattr(spec, "threads", None)
+        torch.set_num_threads(torch_threads(requested))
+        self._governor = (ThreadGovernor(torch.get_num_threads())
+                          if not requested and user_threads() is None else None)
         self.autocast_dtype = torch.bfloat16 if getattr(spec, "dtype", "float32") == "bfloat16" else None
 
     # -- Protocol ---------------------------------------------------------------------------------
@@ -73,8 +77,19 @@ class CPUBackend:
             return []
         if self._sampler is None:
             raise RuntimeError("CPUBackend.generate called before setup")
-        with gathered(self.model):  # a sharded policy: full weights once, then no collective per token
-            return self._sampler.generate(prompts, params, streamer)
+        if self._governor is None:
+            with gathered(self.model):  # a sharded policy: full weights once, then no collective per token
+                return self._sampler.generate(prompts, params, streamer)
+        # once per step: sampling at the full count (its small-batch kernels' last bits depend on the
+        # thread count), then the training phase at the count the cores free now allow (its kernels'
+        # do not: tests/test_threads.py)
+        train_threads = self._governor.update()
+        torch.set_num_threads(self._governor.ceiling)
+        try:
+            with gathered(self.model):
+                return self._sampler.generate(prompts, params, streamer)
+        finally:
+            torch.set_num_threads(train_threads)
 
     def sync_weights(self) -> float:
         return 0.0  # the engine is the policy
@@ -86,6 +101,10 @@ class CPUBackend:
             destroy_process_group()
 
     # -- beyond the Protocol ----------------------------------------------------------------------
+
+    def threads(self) -> int:
+        """torch's intra-op threads of the training phase (``perf/threads``)."""
+        return torch.get_num_threads()
 
     def peak_flops(self) -> tuple[float, str]:
         """FLOP/s of this process's threads in the compute dtype, from a short matmul calibration

@@ -5,13 +5,13 @@ Each configuration runs in its own process (OpenMP reads its environment when to
 - **before**: what apo did before ``apo_cli/runtime/threads.py``: ``torch.set_num_threads(os.cpu_count())``
   and libgomp's default waiting (idle threads spin ``GOMP_SPINCOUNT`` = 300 000 turns after each
   parallel region);
-- **after**: the policy: threads from the affinity mask (``torch_threads()``), ``OMP_WAIT_POLICY=PASSIVE``
-  (set by ``configure_process()`` before torch is imported);
+- **after**: the policy: threads from the affinity mask (``torch_threads()``) and ``configure_process()``
+  before torch is imported (``GOMP_SPINCOUNT=30000``, huge pages, malloc keeping freed blocks);
 - **after-1t**: the policy with one thread (``backend.threads: 1``);
-- **spin-10k**: the policy's threads with a short spin instead (``GOMP_SPINCOUNT=10000``: an idle
-  thread spins about 10-50 µs, then sleeps), the alternative to PASSIVE on a quiet machine.
+- **passive**: the policy's threads with ``OMP_WAIT_POLICY=PASSIVE`` instead (an idle thread sleeps at
+  once), the wait policy before the short spin.
 
-By default the first three run (``--configs before,after,after-1t,spin-10k`` for all four).
+By default the first three run (``--configs before,after,after-1t,passive`` for all four).
 
 For each ``--contend`` level N, N busy processes (``python -c "while 1: pass"``) run beside; the
 configurations alternate (before, after, ..., then reversed) for ``--rounds`` rounds so that drift in
@@ -39,15 +39,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("before", "after", "after-1t", "spin-10k")
+CONFIGS = ("before", "after", "after-1t", "passive")
 
 
 def child(args: argparse.Namespace) -> dict:
     from apo_cli.runtime.threads import configure_process, torch_threads
 
-    if args.config == "spin-10k":
-        os.environ["GOMP_SPINCOUNT"] = "10000"  # before torch loads libgomp
-    elif args.config != "before":
+    if args.config == "passive":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch loads libgomp
+    if args.config != "before":
         configure_process()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -56,7 +56,7 @@ def child(args: argparse.Namespace) -> dict:
     from backends.decoding import DecodingSampler
 
     threads = {"before": os.cpu_count() or 1, "after": torch_threads(), "after-1t": 1,
-               "spin-10k": torch_threads()}[args.config]
+               "passive": torch_threads()}[args.config]
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,

@@ -36,10 +36,11 @@ Contention (``--contend N``): N busy processes (``python -c "while 1: pass"``) r
 for the whole benchmark, started before the first round and stopped after the last, so each side
 shares the cores with the same load. Each side runs as its library ships: the apo child starts like
 the ``apo`` command (``apo_cli.runtime.threads.configure_process()`` before torch is imported:
-OpenMP's idle threads sleep instead of spinning); TRL with libgomp's defaults.
-``--same-wait-policy`` gives TRL the same ``OMP_WAIT_POLICY=PASSIVE``, to tell that part of the
-difference from the rest. Both sides get ``--threads`` torch threads (default: the cores of the
-affinity mask).
+a short OpenMP spin, huge pages, malloc keeping freed blocks); TRL with the defaults.
+``--same-wait-policy`` gives TRL the same process settings, to tell that part of the difference
+from the rest. Threads: TRL takes the cores of the affinity mask; apo runs as the apo
+command does (those cores, its training phase's count following the cores other processes leave
+free: ``apo_cli.runtime.threads.ThreadGovernor``); ``--threads N`` fixes both sides at N.
 
 Training MFU: the training FLOPs of the step as apo counts them (``apo_cli.perf.FlopModel``:
 forward + backward of each prompt once per group and of each completion; the same count on both
@@ -99,7 +100,9 @@ def apo_recipe(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
                   "scheduler": "constant", "grad_clip": 1.0, "micro_batch_size": args.micro},
         "checkpoint": {"every": 1_000_000, "keep_last": 1},
         "logging": {"dashboard": "off", "samples_per_step": 0},
-        "backend": {"kind": "cpu", "threads": args.threads, "dtype": args.dtype},
+        # threads unset (as a user runs it: the affinity mask's cores, the training phase's count following
+        # the cores other processes leave free) unless --threads fixes them
+        "backend": {"kind": "cpu", "dtype": args.dtype, **({"threads": args.threads} if args.threads else {})},
     }
 
 
@@ -142,7 +145,6 @@ def run_apo(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from apo_cli.train import Trainer
 
     trainer = Trainer(recipe_from_dict(apo_recipe(args, tmp / "apo-run")))
-    torch.set_num_threads(args.threads)
     clock = _StepClock()
     one_step = trainer.one_step
     rewards: list[float] = []
@@ -231,7 +233,7 @@ def run_trl(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         shuffle_dataset=False, remove_unused_columns=False, dataloader_num_workers=0,
         logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, log_completions=False,
     )
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     clock = _StepClock()
     log_lines: list[dict[str, float]] = []  # TRL's per-step log lines (logging_steps=1)
 
@@ -288,7 +290,12 @@ def _peak(args: argparse.Namespace) -> float:
     from backends.cpu import calibrate_matmul
 
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    return calibrate_matmul(torch.get_num_threads(), dtype)[0]
+    n, before = args.threads or len(os.sched_getaffinity(0)), torch.get_num_threads()
+    torch.set_num_threads(n)  # the peak of all the side's cores, whatever threads its step runs now
+    try:
+        return calibrate_matmul(n, dtype)[0]
+    finally:
+        torch.set_num_threads(before)
 
 
 def _wait_policy() -> str:
@@ -305,8 +312,8 @@ def run_side(side: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH")]))}
-    if side == "trl" and args.same_wait_policy and not any(v in env for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
-        env["OMP_WAIT_POLICY"] = "PASSIVE"  # what configure_process gives the apo side
+    if side == "apo":
+        env.update(dict(kv.split("=", 1) for kv in args.apo_env))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -372,11 +379,16 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=16, help="sequences per forward/backward (a multiple of G)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                    help="torch threads of each side (default: the cores of the affinity mask)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="fix both sides' torch threads (default: TRL the cores of the affinity mask, apo as "
+                         "the apo command chooses: those cores, the training phase following the free ones)")
     ap.add_argument("--contend", type=int, default=0, help="busy processes running beside both sides")
     ap.add_argument("--same-wait-policy", action="store_true",
-                    help="give TRL apo's OMP_WAIT_POLICY=PASSIVE too (default: each side as it ships)")
+                    help="give TRL the apo command's process settings too (configure_process: OpenMP spin "
+                         "count, huge pages, malloc; default: each side as it ships)")
+    ap.add_argument("--apo-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable for the apo side only (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE "
+                         "to measure a policy other than the one the apo command sets")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
@@ -385,8 +397,10 @@ def main() -> None:
     if (args.prompts * args.group) % args.micro or args.micro % args.group:
         raise SystemExit("--micro must be a multiple of --group and divide --prompts x --group")
 
+    if any("=" not in kv for kv in args.apo_env):
+        raise SystemExit(f"--apo-env wants KEY=VALUE, got {next(kv for kv in args.apo_env if '=' not in kv)!r}")
     if args.side:  # child
-        if args.side == "apo":  # as the apo command starts: before anything imports torch
+        if args.side == "apo" or args.same_wait_policy:  # as the apo command starts: before torch is imported
             from apo_cli.runtime.threads import configure_process
 
             configure_process()
@@ -403,7 +417,7 @@ def main() -> None:
     print(f"apo vs TRL {trl.__version__} GRPOTrainer | model {args.model} | {args.prompts} prompts x G={args.group}, "
           f"max_new_tokens {args.max_new_tokens}, micro-batch {args.micro} "
           f"(TRL grad-accum {args.prompts * args.group // args.micro}) | GRPO token-mean (dapo), beta 0 | "
-          f"{args.dtype}, {args.threads} threads | {args.steps} steps x {args.rounds} rounds | "
+          f"{args.dtype}, {args.threads or 'default'} threads | {args.steps} steps x {args.rounds} rounds | "
           f"{args.contend} busy processes beside | {cpu_name()}, {os.cpu_count()} CPUs", flush=True)
     runs = alternate(args)
     a, t = summarize(runs["apo"]), summarize(runs["trl"])

@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from apo_cli.runtime.threads import (
+    SPIN_COUNT,
+    ThreadGovernor,
     available_cores,
     configure_process,
     local_processes,
@@ -59,31 +62,77 @@ def test_threads_are_shared_out_among_the_local_processes():
 def test_share_env_gives_each_job_its_share_and_keeps_the_users_choices():
     env = share_env(2, {"PATH": "/bin"})
     assert env["OMP_NUM_THREADS"] == str(max(1, available_cores() // 2))
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["PATH"] == "/bin"
-    mine = share_env(2, {"OMP_NUM_THREADS": "7", "GOMP_SPINCOUNT": "1000"})
-    assert mine["OMP_NUM_THREADS"] == "7" and "OMP_WAIT_POLICY" not in mine
+    assert env["GOMP_SPINCOUNT"] == SPIN_COUNT and env["THP_MEM_ALLOC_ENABLE"] == "1" and env["PATH"] == "/bin"
+    mine = share_env(2, {"OMP_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE", "THP_MEM_ALLOC_ENABLE": "0"})
+    assert mine["OMP_NUM_THREADS"] == "7" and "GOMP_SPINCOUNT" not in mine and mine["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert mine["THP_MEM_ALLOC_ENABLE"] == "0"
 
 
-def test_wait_policy_is_set_before_torch_only_and_never_over_the_users():
+_POLICY = ("import json, os; from apo_cli.runtime.threads import configure_process; r = configure_process(); "
+           "print(json.dumps([r] + [os.environ.get(v) for v in "
+           "('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY', 'THP_MEM_ALLOC_ENABLE')]))")
+
+
+def test_process_policy_is_set_before_torch_only_and_never_over_the_users():
     import torch  # noqa: F401 - libgomp is loaded: too late to set its policy
 
     env: dict[str, str] = {}
     assert configure_process(env) is False and env == {}  # this process has torch imported already
-    got = _python("import json, os; from apo_cli.runtime.threads import configure_process; "
-                  "r = configure_process(); print(json.dumps([r, os.environ.get('OMP_WAIT_POLICY')]))")
-    assert got == [True, "PASSIVE"]
-    for var, value in (("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "100000")):
-        got = _python("import json, os; from apo_cli.runtime.threads import configure_process; "
-                      "r = configure_process(); print(json.dumps([r, os.environ.get('OMP_WAIT_POLICY')]))",
-                      {var: value})
-        assert got == [False, value if var == "OMP_WAIT_POLICY" else None]
+    assert _python(_POLICY) == [True, SPIN_COUNT, None, "1"]
+    assert _python(_POLICY, {"OMP_WAIT_POLICY": "ACTIVE"}) == [False, None, "ACTIVE", "1"]
+    assert _python(_POLICY, {"GOMP_SPINCOUNT": "100000"}) == [False, "100000", None, "1"]
+    assert _python(_POLICY, {"THP_MEM_ALLOC_ENABLE": "0"}) == [True, SPIN_COUNT, None, "0"]
 
 
-def test_the_apo_command_sets_the_wait_policy_before_anything_imports_torch():
+def test_the_apo_command_sets_the_policy_before_anything_imports_torch():
     code = ("import json, os, sys\nfrom apo_cli import main as m\nsys.argv = ['apo', '--version']\n"
             "try:\n    m.main()\nexcept SystemExit:\n    pass\n"
-            "print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules]))")
-    assert _python(code) == ["PASSIVE", False]
+            "print(json.dumps([os.environ.get('GOMP_SPINCOUNT'), os.environ.get('THP_MEM_ALLOC_ENABLE'), "
+            "'torch' in sys.modules]))")
+    assert _python(code) == [SPIN_COUNT, "1", False]
+
+
+# Training steps (forward, backward, AdamW) of a small Llama built from a config: the minor page
+# faults of three steps after two warm-up steps. With glibc's and torch's defaults the large blocks a
+# step frees go back to the kernel, and the next step faults them in again 4 KB page by 4 KB page
+# (~170 000 faults here); with configure_process() the next step reuses them.
+_REFAULTS = """
+import json, resource, sys
+from apo_cli.runtime.threads import configure_process
+if sys.argv[1] == "policy":
+    assert configure_process()
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+m = LlamaForCausalLM(LlamaConfig(vocab_size=16384, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+ids = torch.randint(0, 16384, (16, 48))
+def step():
+    m(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+step(); step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0))
+"""
+
+
+def _refaults(mode: str) -> int:
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("MALLOC_", "THP_")) and k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    base["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", _REFAULTS, mode], env=base, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_a_training_step_reuses_the_memory_the_last_one_freed():
+    default, kept = _refaults("default"), _refaults("policy")
+    assert default > 50_000  # before: every step faults its freed blocks in again, page by page
+    assert kept < default / 8, (kept, default)
 
 
 @needs_two_cores
@@ -101,3 +150,84 @@ def test_cpu_backend_honours_omp_num_threads_and_backend_threads():
             "CPUBackend(CPUBackendSpec()); a = torch.get_num_threads()\n"
             "CPUBackend(CPUBackendSpec(threads=2)); b = torch.get_num_threads()\nprint(json.dumps([a, b]))")
     assert _python(code, {"OMP_NUM_THREADS": "1"}) == [1, 2]
+
+
+def _busy_core() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "while 1: pass"])
+
+
+def test_governor_counts_other_processes_load_from_proc_stat(tmp_path):
+    """A fake /proc/stat: both cores busy while this process sleeps means 2 cores of other load (1
+    thread: the floor); nothing busy means all threads back; an unreadable file leaves the count."""
+    stat = tmp_path / "stat"
+    line = "cpu{} {} 0 0 {} 0 0 0 0 0 0\n"
+    stat.write_text("cpu 0 0 0 0 0 0 0 0 0 0\n" + line.format(0, 0, 0) + line.format(1, 0, 0))
+    gov = ThreadGovernor(2, cpus={0, 1}, stat_path=str(stat))
+    assert gov.update() == 2  # too soon: no interval yet
+    time.sleep(0.6)
+    ticks = int(0.6 * os.sysconf("SC_CLK_TCK"))
+    stat.write_text("cpu 0 0 0 0 0 0 0 0 0 0\n" + line.format(0, ticks, 0) + line.format(1, ticks, 0)
+                    + line.format(2, 10**6, 0))  # cpu2 is outside the mask: not counted
+    assert gov.update() == 1 and gov.other_load > 1.5
+    time.sleep(0.6)
+    stat.write_text("cpu 0 0 0 0 0 0 0 0 0 0\n" + line.format(0, ticks, ticks) + line.format(1, ticks, ticks))
+    assert gov.update() == 2 and gov.other_load < 0.2
+    stat.unlink()
+    time.sleep(0.6)
+    assert gov.update() == 2
+
+
+@needs_two_cores
+def test_governor_gives_a_core_taken_by_another_process_back():
+    """Before: the threads stayed at the mask's 2 beside a busy process, and every parallel region
+    waited for the thread that was not running (SmolLM2: 8 s -> 42 s a step)."""
+    cpus = set(sorted(os.sched_getaffinity(0))[:2])
+    busy = _busy_core()
+    try:
+        os.sched_setaffinity(busy.pid, cpus)
+        gov = ThreadGovernor(2, cpus=cpus)
+        time.sleep(1.5)
+        assert gov.update() == 1, gov.other_load
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+@needs_two_cores
+def test_the_governed_thread_count_changes_no_result(tmp_path, cli, monkeypatch):
+    """The governor changes the training phase's threads between steps, so a seeded run must not
+    depend on them: the same run trained with 1 and with 2 threads (sampling at the full count) gives
+    the same metrics and weights, bit for bit (a model wide enough that torch splits its kernels)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from apo_cli.models import build_char_tokenizer, tiny_config
+    from tests.golden.runs import _metrics, _weights
+    from tests.helpers import tiny_recipe, write_recipe
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(len(tok), hidden_size=384, intermediate_size=1024,
+                                                         num_attention_heads=6, num_key_value_heads=2))
+    folder = tmp_path / "model"
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the governor runs only when nothing fixes the count
+    monkeypatch.setattr("apo_cli.runtime.threads.available_cores", lambda: 2)
+    before, out, seen = torch.get_num_threads(), {}, []
+    try:
+        for threads in (1, 2):
+            monkeypatch.setattr(ThreadGovernor, "update", lambda self, n=threads: n)
+            d = tiny_recipe(tmp_path, f"t{threads}", model={"name_or_path": str(folder)}, run={"max_steps": 3},
+                            checkpoint={"every": 3, "keep_last": 1})
+            res = cli("train", str(write_recipe(tmp_path, d, f"r{threads}.yaml")))
+            assert res.exit_code == 0, res.output
+            run = tmp_path / f"t{threads}"
+            raw = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            seen.append({r["perf/threads"] for r in raw})
+            out[threads] = _metrics(run), _weights(run / "checkpoints" / "step-3")  # all but timings
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [{1.0}, {2.0}]  # the training phases did run with 1 and with 2 threads
+    assert out[1][0] == out[2][0]
+    assert out[1][1] == out[2][1] and out[1][1]

@@ -1,19 +1,32 @@
-"""CPU thread policy: how many torch threads a process takes, and that idle OpenMP threads sleep.
+"""CPU process policy: how many torch threads a process takes, how idle OpenMP threads wait, and
+that freed tensor memory is reused rather than faulted in again.
 
 One policy, applied in two places:
 
 - :func:`configure_process` runs once at start-up (``apo_cli.main.main``, before anything imports
-  torch). The torch CPU wheel runs its parallel regions on GNU OpenMP (libgomp), whose idle threads
-  *spin* for a while (``GOMP_SPINCOUNT``, 300 000 turns by default) after every region before they
-  sleep. A decoding step is hundreds of small regions, so between them a thread that has nothing
-  to do keeps its core busy: when another process wants that core (a second training run, ``apo
-  compare --jobs``, a browser), the spinning thread takes its turns and the serial Python work of
-  the step, or the other process, waits. libgomp reads its settings once, when it is loaded with
-  torch, so they are set in the environment here, first: ``OMP_WAIT_POLICY=PASSIVE`` (an idle
-  thread sleeps at once; libgomp's spin count becomes 0). A wait policy or spin count the user set
-  (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``) is left alone, and so is everything when torch is
-  already imported (a script that imports torch first keeps its settings: :func:`configure_process`
-  says so by returning False).
+  torch), and sets three things that are read only once:
+
+  * OpenMP's waiting. The torch CPU wheel runs its parallel regions on GNU OpenMP (libgomp), whose
+    idle threads *spin* for a while (``GOMP_SPINCOUNT``, 300 000 turns, a few milliseconds, by
+    default) after every region before they sleep. A decoding step is hundreds of small regions, so
+    with the default a thread that has nothing to do keeps its core busy between them, and when
+    another process wants that core (a second training run, ``apo compare --jobs``, a browser) the
+    spinning thread takes its turns while the serial Python work of the step, or the other process,
+    waits. Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) fixes that but costs every region a
+    futex wake-up; the backward pass and AdamW are thousands of mid-sized regions, and SmolLM2's
+    training phase (2 micro-batches of 16 and AdamW) ran ~20 % slower that way. ``GOMP_SPINCOUNT=30000`` (tens of microseconds of
+    spinning, then sleep) keeps the quiet speed and still gives a taken core back within a
+    fraction of a time slice (``benchmarks/vs_trl.py --contend 1``).
+  * ``THP_MEM_ALLOC_ENABLE=1``: torch's CPU allocator asks for transparent huge pages for tensors of
+    2 MB and more (one fault per 2 MB instead of 512 when a step's activations are first touched).
+  * glibc malloc keeps freed memory (:func:`keep_freed_memory`; a call, not a variable, so it is
+    made in this process only: each child process makes its own).
+
+  A choice the user made (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``; ``THP_MEM_ALLOC_ENABLE``;
+  ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``) is left alone, and so is everything when
+  torch is already imported (a script that imports torch first keeps its settings:
+  :func:`configure_process` says so by returning False). None of this changes a result: the same
+  kernels run on the same data (``tests/test_golden.py``).
 - :func:`torch_threads` is what the CPU backend passes to ``torch.set_num_threads``: the recipe's
   ``backend.threads`` when set; else an explicit ``OMP_NUM_THREADS`` the user gave (``apo compare
   --jobs`` sets it for each of its processes); else the cores this process may run on
@@ -28,13 +41,20 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 
-__all__ = ["available_cores", "configure_process", "local_processes", "share_env", "torch_threads",
-           "user_threads", "WAIT_POLICY_VARS"]
+__all__ = ["available_cores", "configure_process", "keep_freed_memory", "local_processes", "share_env",
+           "torch_threads", "user_threads", "ThreadGovernor", "SPIN_COUNT", "WAIT_POLICY_VARS"]
 
 # the variables a user may set to choose OpenMP's waiting themselves; any of them set: hands off
 WAIT_POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+# an idle OpenMP thread spins this many turns (tens of microseconds) before it sleeps; libgomp's default is 300 000
+SPIN_COUNT = "30000"
+# glibc mallopt parameters (malloc.h) and the values keep_freed_memory() gives them
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
+TRIM_THRESHOLD = 512 << 20
 
 
 def available_cores() -> int:
@@ -79,25 +99,121 @@ def torch_threads(requested: int | None = None, env: Mapping[str, str] | None = 
     return max(1, available_cores() // local_processes(env))
 
 
-def configure_process(env: MutableMapping[str, str] | None = None) -> bool:
-    """Set OpenMP's wait policy for this process (and its children) before torch loads libgomp.
+class ThreadGovernor:
+    """Intra-op threads that follow the cores other processes leave free.
 
-    Returns whether the policy was set here: False when the user chose one (see WAIT_POLICY_VARS)
-    or torch is already imported (libgomp has read its environment; changing it now does nothing)."""
+    With threads chosen once, a second process on one of the cores makes every parallel region wait
+    for the thread that is not running (a time slice of milliseconds, each of hundreds of regions a
+    step): SmolLM2's step went from 8 s to 42 s beside one busy loop with 2 threads, where 1 thread
+    would have had a core of its own. :meth:`update`, called once per step (the CPU backend: before
+    each rollout), looks at the interval since its last call: the busy time of the cores of this
+    process's affinity mask (``/proc/stat``, steal included: a hypervisor's other guests take cores
+    too) less this process's own CPU time is the load of other processes, in cores, and the next
+    step gets ``round(cores - load)`` threads, between 1 and ``ceiling``. Two apo processes on the
+    same cores each see the other and settle on a share each; when the other load goes, the threads
+    come back. Off Linux (no ``/proc/stat``) the count stays at ``ceiling``.
+
+    Only the training phase is governed: its kernels (large matmuls, row-wise softmax, AdamW) give
+    the same bits with any thread count (tests/test_threads.py trains with 1 and with 2 threads and
+    compares every metric and weight), while the decoding step's attention kernel does not, so
+    sampling keeps the full count (the CPU backend sets it around each rollout)."""
+
+    MIN_INTERVAL_S = 0.5  # shorter intervals are added to the next one (/proc/stat counts 1/100 s)
+
+    def __init__(self, ceiling: int, cpus: set[int] | None = None, stat_path: str = "/proc/stat"):
+        self.ceiling = max(1, int(ceiling))
+        if cpus is None:
+            try:
+                cpus = set(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                cpus = set(range(os.cpu_count() or 1))
+        self.cpus, self.stat_path = cpus, stat_path
+        self.threads = self.ceiling
+        self.other_load: float | None = None  # cores other processes used in the last interval
+        try:
+            self._tick = float(os.sysconf("SC_CLK_TCK"))
+        except (AttributeError, OSError, ValueError):
+            self._tick = 100.0
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        """(monotonic s, busy s of our cores, this process's CPU s), or None without /proc/stat."""
+        try:
+            with open(self.stat_path, encoding="ascii") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None
+        busy = 0
+        for line in lines:
+            name, _, rest = line.partition(" ")
+            if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus):
+                continue
+            v = [int(x) for x in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
+            busy += sum(v) - v[3] - (v[4] if len(v) > 4 else 0)
+        t = os.times()
+        return time.monotonic(), busy / self._tick, t.user + t.system
+
+    def update(self) -> int:
+        """The thread count for the next step (see the class docstring)."""
+        now = self._sample()
+        if now is None or self._last is None or now[0] - self._last[0] < self.MIN_INTERVAL_S:
+            return self.threads
+        wall = now[0] - self._last[0]
+        self.other_load = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
+        self._last = now
+        self.threads = max(1, min(self.ceiling, int(len(self.cpus) - self.other_load + 0.5)))
+        return self.threads
+
+
+def configure_process(env: MutableMapping[str, str] | None = None) -> bool:
+    """Set OpenMP's waiting and the allocators' policy for this process (and its children) before
+    torch loads libgomp; see the module docstring.
+
+    Returns whether the wait policy was set here: False when the user chose one (see
+    WAIT_POLICY_VARS) or torch is already imported (libgomp has read its environment; changing it
+    now does nothing). The allocator settings follow the same rule, each on its own variable."""
     env = os.environ if env is None else env
-    if any(v in env for v in WAIT_POLICY_VARS) or "torch" in sys.modules:
+    if "torch" in sys.modules:
         return False
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "THP_MEM_ALLOC_ENABLE" not in env:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    if env is os.environ:
+        keep_freed_memory()
+    if any(v in env for v in WAIT_POLICY_VARS):
+        return False
+    env["GOMP_SPINCOUNT"] = SPIN_COUNT
     return True
+
+
+def keep_freed_memory() -> bool:
+    """glibc malloc: serve blocks up to 32 MiB from the heap and keep up to 512 MiB of freed memory.
+
+    By default glibc hands every block over its (adaptive) mmap threshold straight to the kernel when
+    it is freed, so the next step's tensor of the same size is faulted in and zeroed page by page
+    again; a training step of SmolLM2 took ~400 000 page faults and 1.5-2.8 s of system time that
+    way. ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set by the user win (glibc reads
+    them itself). Returns whether the settings were applied (False off glibc)."""
+    if any(v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    return mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
 
 
 def share_env(jobs: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for each of ``jobs`` processes sharing this process's cores: ``OMP_NUM_THREADS``
-    = cores // jobs (at least 1) unless the user set it, and the passive wait policy unless the user
-    chose one."""
+    = cores // jobs (at least 1) unless the user set it, and :func:`configure_process`'s OpenMP and
+    torch-allocator settings unless the user chose their own (glibc's is set by each process)."""
     out = dict(os.environ if env is None else env)
     if user_threads(out) is None:
         out["OMP_NUM_THREADS"] = str(max(1, available_cores() // max(1, jobs)))
+    out.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if not any(v in out for v in WAIT_POLICY_VARS):
-        out["OMP_WAIT_POLICY"] = "PASSIVE"
+        out["GOMP_SPINCOUNT"] = SPIN_COUNT
     return out
