@@ -373,9 +373,22 @@ def append_run_record(res: ModelResult, rec: dict[str, Any]) -> Path | None:
                     return path
             except (json.JSONDecodeError, AttributeError):
                 continue
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
+    _append(path, rec)
     return path
+
+
+def _append(path: Path, rec: dict[str, Any]) -> None:
+    """One JSON line onto ``path``, never through a symbolic link (a planted or dangling link in a
+    run directory someone sent would make apo write outside it): RunDirError naming the file."""
+    from apo_cli.errors import RunDirError
+    from apo_cli.metrics import open_append, why_not_written
+
+    try:
+        with open_append(path) as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+    except OSError as e:
+        raise RunDirError(f"cannot write {path}: {why_not_written(path, e)}") from None
 
 
 TRAINING = "train"  # the "source" of the records written by evaluation during training
@@ -383,18 +396,11 @@ TRAINING = "train"  # the "source" of the records written by evaluation during t
 
 def append_training_record(run_dir: Path, rec: dict[str, Any]) -> Path:
     """Append an evaluation-during-training record to the run's eval.jsonl (once per step)."""
-    from apo_cli.errors import RunDirError
-
     path = Path(run_dir) / EVAL_FILE
     rec = {**rec, "source": TRAINING}
     if any(r.get("source") == TRAINING and r.get("step") == rec["step"] for r in read_run_evals(run_dir)):
         return path
-    try:
-        with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-    except OSError as e:
-        raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
+    _append(path, rec)
     return path
 
 

@@ -114,6 +114,7 @@ def run_base_model(run_dir: Path) -> ResolvedModel:
 
     from apo_cli.checkpoint import list_checkpoints, read_trainer_state
     from apo_cli.models import resolve_model_path
+    from apo_cli.recipe_yaml import load_file
 
     for ckpt in reversed(list_checkpoints(run_dir)):
         try:
@@ -123,7 +124,7 @@ def run_base_model(run_dir: Path) -> ResolvedModel:
         if base:
             return ResolvedModel(str(base), f"{run_dir.name}/base", "base", run_dir, 0)
     try:
-        data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+        data = load_file(run_dir / "recipe.yaml") or {}  # under a recipe's caps: the run may be someone else's
         name = data["model"]["name_or_path"]
         seed = int((data.get("run") or {}).get("seed", 0))
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):

@@ -59,12 +59,16 @@ def _num(v: Any) -> float | None:
 def _recipe_dict(run_dir: Path) -> dict[str, Any] | None:
     import yaml
 
+    from apo_cli.recipe_yaml import load_file
+
     path = run_dir / "recipe.yaml"
     if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
+        data = load_file(path)  # under a recipe's caps: the run may be someone else's
+    except ValueError as e:
+        raise RunDirError(str(e)) from None
+    except (yaml.YAMLError, UnicodeDecodeError):
         raise RunDirError(f"{path} is not valid YAML") from None
     return data if isinstance(data, dict) else None
 

@@ -13,6 +13,7 @@ times per level), integers of at most :data:`MAX_INT_DIGITS` digits.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -170,6 +171,26 @@ def load_value(text: str) -> Any:
     if positions.problems:
         raise ValueError(positions.problems[0].split(": ", 2)[-1])
     return yaml.safe_load(text)
+
+
+def load_file(path: Path) -> Any:
+    """The YAML value in ``path`` under a recipe's caps (size, depth, alias expansion), for files apo
+    reads back from a run directory (its ``recipe.yaml``), which may come from someone else.
+
+    ``ValueError`` (its message names the file and the cap) for a file over them; otherwise what
+    ``yaml.safe_load`` and reading raise (``yaml.YAMLError``, ``UnicodeDecodeError``, ``OSError``)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ValueError(f"{path} is {size:,} bytes; a recipe may be at most {MAX_RECIPE_BYTES:,} bytes")
+    text = path.read_text(encoding="utf-8")
+    problem = _shape_problem(text)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise ValueError(f"{path}: the recipe is nested more than {MAX_DEPTH} levels deep") from None
 
 
 def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], Positions]:

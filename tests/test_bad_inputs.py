@@ -148,6 +148,22 @@ def _python_tag_run_dir(env: Env) -> list[str]:
     return env.train(None, "--output-dir", str(env.run), "--resume")
 
 
+_ALIAS_BOMB = "a: &a [" + ",".join(["x"] * 10) + "]\n" + "".join(
+    f"{n}: &{n} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
+
+def _alias_bomb_run_dir(*command: str) -> Callable[[Env], list[str]]:
+    """A run directory (someone else's) whose recipe.yaml is a ~1 kB YAML alias bomb (10^9 values):
+    before, reading it back (--resume, inspect-alpha, eval --base) ran for hours."""
+    def make(env: Env) -> list[str]:
+        env.file("run/recipe.yaml", _ALIAS_BOMB)
+        env.file("run/metrics.jsonl", json.dumps({"step": 1, "reward": 0.5}) + "\n")
+        if command[0] == "train":
+            return env.train(None, "--resume", "--output-dir", str(env.run))
+        return [*command, str(env.run)]
+    return make
+
+
 def _syntax_error_reward(env: Env) -> list[str]:
     f = env.file("rewards/syntax_error.py", "def frac_a(completions, **_):\n    return [0.0 for c in completions\n")
     return env.train(_reward(f"{f}:frac_a"))
@@ -323,6 +339,10 @@ CASES = [
          lambda e: (e.file("run/recipe.yaml", "model: [unclosed"), e.train(None, "--resume", "--output-dir", str(e.run)))[1],
          1, ("{run}/recipe.yaml is not valid YAML",)),
     Case("run_dir_recipe_python_tag", _python_tag_run_dir, 1, ("{run}/recipe.yaml is not valid YAML",)),
+    Case("run_dir_recipe_alias_bomb_resume", _alias_bomb_run_dir("train"), 1,
+         ("{run}/recipe.yaml: line", "expands to more than 100,000 values")),
+    Case("run_dir_recipe_alias_bomb_inspect", _alias_bomb_run_dir("inspect-alpha"), 1,
+         ("{run}/recipe.yaml: line", "expands to more than 100,000 values")),
     Case("run_dir_recipe_not_a_mapping",
          lambda e: (e.file("run/recipe.yaml", "- a\n- b\n"), e.train(None, "--resume", "--output-dir", str(e.run)))[1],
          1, ("{run}/recipe.yaml is not a recipe",)),

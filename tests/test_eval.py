@@ -266,3 +266,21 @@ def test_eval_cache_key_tells_chat_prompts_apart_by_their_earlier_messages():
     assert task("be brief").key() != task("be verbose").key()
     assert task("be brief").key() == task("be brief").key()
     assert text.key() != task("be brief").key()
+
+
+def test_a_symlinked_eval_jsonl_is_not_written_through(cli, run_dir, tmp_path):
+    """A run directory from someone else whose eval.jsonl is a (dangling) link: before, `apo eval`
+    appended through it, writing outside the run. Now it shows and caches the results and warns."""
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run, symlinks=True)
+    (run / "eval.jsonl").unlink(missing_ok=True)
+    outside = tmp_path / "outside" / "planted.jsonl"
+    outside.parent.mkdir()
+    (run / "eval.jsonl").symlink_to(outside)
+    res = cli("eval", str(run / "checkpoints" / "step-2"), "-k", "1", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["model"] == "r/step-2"
+    assert "symbolic link" in res.stderr and "not added to the run" in res.stderr
+    assert not outside.exists()

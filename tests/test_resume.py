@@ -480,3 +480,25 @@ def test_one_run_dir_one_process(tmp_path, cli, base_run):
         assert res.exit_code == 1
         assert _one_error_line(res.output) == f"error: run directory {run} is in use by another apo process"
     assert latest_good_checkpoint(run).name == "step-3"
+
+
+def test_resume_into_data_smaller_than_the_checkpoints_position_refuses(tmp_path, cli):
+    """Before: a run whose data file was rewritten with fewer rows (the recipe unchanged) resumed at a
+    position past its end and silently began a new epoch of other data. Now: one line, before any step."""
+    data = tmp_path / "problems.jsonl"
+    rows = [json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) for i in range(40)]
+    data.write_text("\n".join(rows) + "\n")
+    d = tiny_recipe(tmp_path, "grown", run={"max_steps": 4}, checkpoint={"every": 3, "keep_last": 1})
+    d["data"] = {"source": str(data)}
+    recipe = write_recipe(tmp_path, d)
+    d["run"]["max_steps"] = 3
+    train_from_recipe(recipe_from_dict(d))  # stops at step 3: data position 12
+    data.write_text("\n".join(rows[:8]) + "\n")
+    run = tmp_path / "grown"
+    before = (run / "metrics.jsonl").read_text()
+    res = cli("train", str(recipe), "--resume", "--output-dir", str(run), "--allow-recipe-change")  # 3 -> 4 steps
+    assert res.exit_code == 1, res.output
+    line = _one_error_line(res.output)
+    assert f"checkpoint {_ckpt(run, 3)} stopped at position 12 of its data" in line, line
+    assert "this run has 8 training example(s)" in line
+    assert (run / "metrics.jsonl").read_text() == before

@@ -182,7 +182,9 @@ def _settings(r, *, k: int, samples: int, greedy: bool, temperature, top_p, top_
 
 def _evaluate_all(resolved, task, settings, backend: str, *, use_cache: bool):
     """Evaluate each model with :class:`_Progress`; each run's checkpoints also land in its eval.jsonl."""
+    from apo_cli.errors import RunDirError
     from apo_cli.evaluation import append_run_record, evaluate, record
+    from apo_cli.generation import warn
 
     results, records = [], []
     with _Progress(len(resolved), len(task.examples)) as shown:
@@ -191,7 +193,10 @@ def _evaluate_all(resolved, task, settings, backend: str, *, use_cache: bool):
             res = evaluate(m, task, settings, backend=backend, use_cache=use_cache, advance=shown.advance)
             shown.finish()
             rec = record(res, task, settings)
-            append_run_record(res, rec)
+            try:
+                append_run_record(res, rec)
+            except RunDirError as e:  # the results are in the table and the cache; only the run's copy is missing
+                warn(f"{e}; the results are shown here and cached, not added to the run")
             results.append(res)
             records.append(rec)
     return results, records

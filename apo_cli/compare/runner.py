@@ -53,6 +53,7 @@ def run_state(plan: Plan, arm: str, seed: int) -> RunState:
     import yaml
 
     from apo_cli.checkpoint import SAFE_SECTIONS, SAFE_TO_CHANGE, recipe_diff
+    from apo_cli.recipe_yaml import load_file
 
     run_dir = plan.run_dir(arm, seed)
     recipe = plan.recipes[(arm, seed)]
@@ -60,8 +61,8 @@ def run_state(plan: Plan, arm: str, seed: int) -> RunState:
     if not existing.is_file():
         return RunState("new")
     try:
-        old = yaml.safe_load(existing.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
+        old = load_file(existing)
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError):  # ValueError: over a recipe's caps
         old = None
     if not isinstance(old, dict):
         raise RunDirError(f"{existing} is not a recipe; move {run_dir} away or use another --output-dir")

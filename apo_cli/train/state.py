@@ -218,6 +218,17 @@ def check_trainer_state(path: Path, ts: Any) -> dict[str, Any]:
     return ts
 
 
+def check_data_position(path: Path, ts: dict[str, Any], examples: int) -> None:
+    """The checkpoint's place in the data exists in this run's data: a position past the training
+    examples (fewer of them now: another data file, limit or eval_fraction) would silently start a
+    new epoch, training on something other than what the checkpoint's order continues to."""
+    pos = ts["data"]["pos"]
+    if pos > examples:
+        raise CheckpointError(
+            f"checkpoint {path} stopped at position {pos} of its data, and this run has {examples} training "
+            "example(s): the data is not the one it trained on (start a new run, or restore the data section)")
+
+
 def verify_resumable(path: Path) -> None:
     """:func:`verify_checkpoint`, and a trainer state that can be resumed."""
     verify_checkpoint(path)
@@ -283,6 +294,7 @@ def restore(path: Path, state: TrainState, model: Any, world: World, *, lora: bo
             raise does_not_fit(path, e) from None
     with world.agree():  # the same state on every rank: the same verdict, printed once
         check_objective(path, check_trainer_state(path, ts), state.objective)
+        check_data_position(path, ts, state.order.n)
         try:
             state.load_state_dict(ts, tt)
             state.apply_recipe(path, tt["lr_scheduler"].get("base_lrs", []))
