@@ -47,14 +47,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def exact_match_reward(completions: list[Any], answer: list[Any], **_: Any) -> list[float | None]:
-    """apo's exact_match with TRL's reward signature (conversational completions are message lists)."""
-    from apo_cli.rewards.builtin import exact_match
-
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return list(exact_match(texts, answer))
-
-
 def _rows(recipe: Any, seed: int, tok: Any) -> list[dict[str, Any]]:
     """The training prompts in apo's seeded order, as TRL rows (messages when apo uses the chat template)."""
     from apo_cli.data import load_examples, render_prompt
@@ -100,6 +92,7 @@ def train_one(recipe_path: Path, seed: int, run: Path) -> None:
 
     from apo_cli.models import load_tokenizer, quiet_transformers, resolve_model_path
     from apo_cli.recipe import load_recipe
+    from vs_trl import exact_match_reward  # apo's exact_match with TRL's reward signature (this folder)
 
     quiet_transformers()
     recipe = load_recipe(recipe_path, [f"run.seed={seed}"])
