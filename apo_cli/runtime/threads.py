@@ -175,10 +175,15 @@ def configure_process(env: MutableMapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     if "torch" in sys.modules:
         return False
-    if "THP_MEM_ALLOC_ENABLE" not in env:
-        env["THP_MEM_ALLOC_ENABLE"] = "1"
     if env is os.environ:
         keep_freed_memory()
+    return _set_env_policy(env)
+
+
+def _set_env_policy(env: MutableMapping[str, str]) -> bool:
+    """The policy's variables in ``env`` (huge pages; the spin count), each unless the user chose;
+    whether the wait policy was set."""
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if any(v in env for v in WAIT_POLICY_VARS):
         return False
     env["GOMP_SPINCOUNT"] = SPIN_COUNT
@@ -213,7 +218,5 @@ def share_env(jobs: int, env: Mapping[str, str] | None = None) -> dict[str, str]
     out = dict(os.environ if env is None else env)
     if user_threads(out) is None:
         out["OMP_NUM_THREADS"] = str(max(1, available_cores() // max(1, jobs)))
-    out.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    if not any(v in out for v in WAIT_POLICY_VARS):
-        out["GOMP_SPINCOUNT"] = SPIN_COUNT
+    _set_env_policy(out)
     return out
