@@ -21,21 +21,18 @@ Arguments travel as JSON: tuples become lists, numpy values their lists, dates I
 from __future__ import annotations
 
 import json
-import os
 import select
-import signal
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from apo_cli.errors import RewardError
+from apo_cli.rewards._child import ChildProcess
 
-STARTUP_TIMEOUT_S = 120.0
-_COMPACT = (",", ":")  # a step's completion ids are most of a message: no spaces  # importing a reward module (torch, a judge model) may take a while
+STARTUP_TIMEOUT_S = 120.0  # importing a reward module (torch, a judge model) may take a while
+_COMPACT = (",", ":")  # a step's completion ids are most of a message: no spaces
 
 
 @dataclass
@@ -60,28 +57,11 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"a {type(obj).__name__} cannot be passed to a reward's worker process")
 
 
-def _exit_text(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-class _Process:
-    """One worker: the child process, its pipes and the bytes read but not yet split into lines."""
+class _Process(ChildProcess):
+    """One worker: the child process, and the messages read but not yet taken."""
 
     def __init__(self, init: dict[str, Any]) -> None:
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])  # so the child finds apo_cli even if not installed
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "apo_cli.rewards._reward_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True, start_new_session=True,
-        )
-        self.fd = self.proc.stdout.fileno()
-        self.buffer = b""
+        super().__init__("apo_cli.rewards._reward_worker", own_group=True)
         self.lines: list[dict[str, Any]] = []
         try:
             self.send(init)
@@ -89,8 +69,7 @@ class _Process:
             pass
 
     def send(self, obj: dict[str, Any]) -> None:
-        self.proc.stdin.write((json.dumps(obj, default=_jsonable, separators=_COMPACT) + "\n").encode())
-        self.proc.stdin.flush()
+        self.send_line(json.dumps(obj, default=_jsonable, separators=_COMPACT))
 
     def next_message(self, deadline: float) -> dict[str, Any] | None:
         """The next message; None when the worker exited; TimeoutError at ``deadline``."""
@@ -98,35 +77,11 @@ class _Process:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.fd], [], [], left)[0]:
                 raise TimeoutError
-            chunk = os.read(self.fd, 1 << 16)
-            if not chunk:
+            messages = self.read_messages()
+            if messages is None:
                 return None
-            *done, self.buffer = (self.buffer + chunk).split(b"\n")
-            self.lines += [json.loads(x) for x in done if x.strip()]
+            self.lines += messages
         return self.lines.pop(0)
-
-    def exit_text(self) -> str:
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        return _exit_text(self.proc.returncode)
-
-    def kill(self) -> None:
-        """Stop the worker and everything it started, now, and release the pipes."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
 
 
 class IsolatedReward:
@@ -200,12 +155,10 @@ class IsolatedReward:
         """Send ``n`` groups to a (fresh if need be) worker; the results until the first that failed."""
         proc = self._proc if self._proc is not None and self._proc.proc.poll() is None else self._restart()
         try:
-            proc.proc.stdin.write((payload + "\n").encode())
-            proc.proc.stdin.flush()
+            proc.send_line(payload)
         except OSError:  # the worker died between steps: a fresh one takes the groups
             proc = self._restart()
-            proc.proc.stdin.write((payload + "\n").encode())
-            proc.proc.stdin.flush()
+            proc.send_line(payload)
         out: list[GroupResult] = []
         while len(out) < n:
             try:

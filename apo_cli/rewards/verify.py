@@ -19,17 +19,15 @@ import atexit
 import json
 import os
 import select
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from apo_cli.errors import RewardError
+from apo_cli.rewards._child import ChildProcess
 
 Status = Literal["equal", "different", "gold_unparsed", "pred_unparsed", "timeout", "error"]
 STARTUP_TIMEOUT_S = 120.0
@@ -43,61 +41,30 @@ class Verdict:
     detail: str = ""
 
 
-class _Worker:
-    """One ``python -m apo_cli.rewards._verify_worker`` child speaking JSON lines on stdin/stdout.
-
-    A plain subprocess rather than ``multiprocessing``: it never re-imports the caller's main
-    module, so it works from scripts, notebooks and threads alike.
-    """
+class _Worker(ChildProcess):
+    """One ``python -m apo_cli.rewards._verify_worker`` child; its stderr kept for error messages."""
 
     def __init__(self) -> None:
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])  # so the child finds apo_cli even if not installed
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "apo_cli.rewards._verify_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env, close_fds=True,
-        )
-        self.fd = self.proc.stdout.fileno()
-        self.buffer = b""
+        super().__init__("apo_cli.rewards._verify_worker", stderr=self.stderr)
         self.ready = False
         self.started = time.monotonic()
         self.task: tuple[int, float] | None = None  # (task index, deadline)
 
     def send(self, obj: object) -> None:
         """Write one JSON request line to the worker."""
-        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
-        self.proc.stdin.flush()
-
-    def read_lines(self) -> list[str] | None:
-        """Lines now available on stdout; None at end of file (the worker exited)."""
-        chunk = os.read(self.fd, 1 << 16)
-        if not chunk:
-            return None
-        self.buffer += chunk
-        *lines, self.buffer = self.buffer.split(b"\n")
-        return [line.decode() for line in lines]
+        self.send_line(json.dumps(obj))
 
     def why_dead(self) -> str:
-        """Exit code and the last line the worker wrote to stderr, for error messages."""
-        self.proc.poll()
+        """How the worker ended and the last line it wrote to stderr, for error messages."""
+        how = self.exit_text()
         self.stderr.seek(0)
         tail = self.stderr.read().decode(errors="replace").strip().splitlines()[-1:] or [""]
-        return f"exit code {self.proc.returncode}" + (f": {tail[0]}" if tail[0] else "")
+        return how + (f": {tail[0]}" if tail[0] else "")
 
     def kill(self) -> None:
         """Stop the worker now (it may be stuck in sympy) and release its pipes."""
-        try:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        for f in (self.proc.stdin, self.proc.stdout, self.stderr):
-            try:
-                f.close()
-            except OSError:
-                pass
+        super().kill(self.stderr)
 
 
 class VerifierPool:
@@ -153,12 +120,11 @@ class VerifierPool:
         deadlines = [w.task[1] if w.task else w.started + STARTUP_TIMEOUT_S for w in waiting]
         readable, _, _ = select.select([w.fd for w in waiting], [], [], max(0.0, min(deadlines) - time.monotonic()))
         for w in [w for w in waiting if w.fd in readable]:
-            lines = w.read_lines()
-            if lines is None:
+            messages = w.read_messages()
+            if messages is None:
                 self._worker_died(w, results)
                 continue
-            for line in lines:
-                msg = json.loads(line)
+            for msg in messages:
                 if msg == "ready":
                     w.ready = True
                 elif w.task and msg["id"] == w.task[0]:

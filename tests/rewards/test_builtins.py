@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -135,6 +137,21 @@ def test_time_box_holds_from_a_worker_thread():
         assert 1.0 <= result["elapsed"] < 1.0 + 1.5  # the limit, plus killing the stuck worker
         # the pool replaced the killed worker and keeps working
         assert pool.verify([("2", "2")], 30.0)[0].status == "equal"
+    finally:
+        pool.close()
+
+
+def test_a_verifier_that_dies_mid_sample_is_named_and_replaced():
+    pool = VerifierPool(max_workers=1)
+    try:
+        assert pool.verify([("1", "1")], 30.0)[0].status == "equal"
+        pid = pool._workers[0].proc.pid
+        killer = threading.Timer(1.0, lambda: os.kill(pid, signal.SIGKILL))  # while it is stuck in sympy
+        killer.start()
+        died, after = pool.verify([PATHOLOGICAL, ("1/2", "0.5")], 30.0)
+        killer.join()
+        assert (died.status, died.detail) == ("error", "math-verify worker died (was killed by SIGKILL)")
+        assert after.status == "equal"  # a fresh worker took the rest
     finally:
         pool.close()
 
