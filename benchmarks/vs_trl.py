@@ -33,8 +33,10 @@ counted); CPU time is the process's (all threads), which other processes' load d
 completions/s = P·G / step time; tokens/s = completion tokens / step time.
 
 Contention (``--contend N``): N busy processes (``python -c "while 1: pass"``) run beside both sides
-for the whole benchmark, started before the first round and stopped after the last, so each side
-shares the cores with the same load. Each side runs as its library ships: the apo child starts like
+for the whole measurement, started before its first round and stopped after its last, so each side
+shares the cores with the same load. ``--contend 0,1`` measures each level in turn in one run of
+the benchmark (all rounds of one level, then the next), a table and a verdict line each. Each side
+runs as its library ships: the apo child starts like
 the ``apo`` command (``apo_cli.runtime.threads.configure_process()`` before torch is imported:
 a short OpenMP spin, huge pages, malloc keeping freed blocks); TRL with the defaults.
 ``--same-wait-policy`` gives TRL the same process settings, to tell that part of the difference
@@ -55,6 +57,7 @@ Usage (TRL is a benchmark-only dependency: ``pip install --no-deps trl==1.16.0``
     APO_CACHE=/tmp/apocache python benchmarks/vs_trl.py --model tiny-random --steps 6
     APO_CACHE=/tmp/apocache python benchmarks/vs_trl.py --model smollm2-135m-instruct --steps 3 --rounds 2
     APO_CACHE=/tmp/apocache python benchmarks/vs_trl.py --model smollm2-135m-instruct --steps 4 --rounds 2 --contend 1
+    APO_CACHE=/tmp/apocache python benchmarks/vs_trl.py --model smollm2-135m-instruct --steps 5 --rounds 2 --contend 0,1
 """
 
 from __future__ import annotations
@@ -382,7 +385,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="fix both sides' torch threads (default: TRL the cores of the affinity mask, apo as "
                          "the apo command chooses: those cores, the training phase following the free ones)")
-    ap.add_argument("--contend", type=int, default=0, help="busy processes running beside both sides")
+    ap.add_argument("--contend", type=_levels, default=[0], metavar="N[,N...]",
+                    help="busy processes running beside both sides; a list (0,1) measures each level in turn")
     ap.add_argument("--same-wait-policy", action="store_true",
                     help="give TRL the apo command's process settings too (configure_process: OpenMP spin "
                          "count, huge pages, malloc; default: each side as it ships)")
@@ -418,8 +422,19 @@ def main() -> None:
           f"max_new_tokens {args.max_new_tokens}, micro-batch {args.micro} "
           f"(TRL grad-accum {args.prompts * args.group // args.micro}) | GRPO token-mean (dapo), beta 0 | "
           f"{args.dtype}, {args.threads or 'default'} threads | {args.steps} steps x {args.rounds} rounds | "
-          f"{args.contend} busy processes beside | {cpu_name()}, {os.cpu_count()} CPUs", flush=True)
-    runs = alternate(args)
+          f"{','.join(map(str, args.contend))} busy processes beside | {cpu_name()}, {os.cpu_count()} CPUs", flush=True)
+    verdicts = [measure(args, busy) for busy in args.contend]
+    if len(verdicts) > 1:
+        print()
+        for line in verdicts:
+            print(line)
+
+
+def measure(args: argparse.Namespace, busy: int) -> str:
+    """The rounds of both sides beside ``busy`` busy processes; prints their table, returns the verdict line."""
+    if len(args.contend) > 1:
+        print(f"\n== {busy} busy processes beside ==", flush=True)
+    runs = alternate(args, busy)
     a, t = summarize(runs["apo"]), summarize(runs["trl"])
     rows = [("step time (s, median)", "step_s", "{:.3f}"), ("CPU s / step (median)", "cpu_s", "{:.3f}"),
             ("completions / s", "completions_per_s", "{:.2f}"), ("completion tokens / s", "tokens_per_s", "{:.1f}"),
@@ -429,20 +444,32 @@ def main() -> None:
     for label, key, fmt in rows:
         print(f"{label:26}{fmt.format(a[key]):>12}{fmt.format(t[key]):>12}{a[key] / t[key]:>11.2f}x")
     policies = {side: runs[side][0].get("wait_policy", "?") for side in SIDES}
-    print(f"measured steps: apo {a['steps']}, TRL {t['steps']} | {args.contend} busy processes | OpenMP waiting: "
+    print(f"measured steps: apo {a['steps']}, TRL {t['steps']} | {busy} busy processes | OpenMP waiting: "
           f"apo {policies['apo']}, TRL {policies['trl']} | load average now {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores")
-    target = 2.5 if args.contend == 0 else 2.0
-    print(f"apo completions/s = {a['completions_per_s'] / t['completions_per_s']:.2f} x TRL's (target >= {target}); "
-          f"apo CPU time per step = {t['cpu_s'] / a['cpu_s']:.2f} x less than TRL's; "
-          f"peak RSS apo / TRL = {a['peak_rss_mb'] / t['peak_rss_mb']:.2f} (target <= 1)")
+    target = 2.5 if busy == 0 else 2.0
+    verdict = (f"{busy} busy: apo completions/s = {a['completions_per_s'] / t['completions_per_s']:.2f} x TRL's "
+               f"(target >= {target}); apo CPU time per step = {t['cpu_s'] / a['cpu_s']:.2f} x less than TRL's; "
+               f"peak RSS apo / TRL = {a['peak_rss_mb'] / t['peak_rss_mb']:.2f} (target <= 1)")
+    print(verdict)
+    return verdict
 
 
-def alternate(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    """``args.rounds`` runs of each side, alternating (apo, TRL, TRL, apo, ...), with ``args.contend``
-    busy processes beside them all along."""
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants N or N,N,... (busy processes), got {text!r}") from None
+    if any(n < 0 for n in levels):
+        raise argparse.ArgumentTypeError(f"busy processes cannot be negative: {text!r}")
+    return levels
+
+
+def alternate(args: argparse.Namespace, busy: int) -> dict[str, list[dict[str, Any]]]:
+    """``args.rounds`` runs of each side, alternating (apo, TRL, TRL, apo, ...), with ``busy`` busy
+    processes beside them all along."""
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
-    busy = busy_processes(args.contend)
+    procs = busy_processes(busy)
     try:
         with tempfile.TemporaryDirectory(prefix="apo-vs-trl-") as tmp:
             for r in range(args.rounds):
@@ -456,7 +483,7 @@ def alternate(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                     print(f"  round {r + 1} {side:3}: steps {walls} s (cpu {cpus}; MFU % {mfu}), "
                           f"peak RSS {res['peak_rss_mb']:.0f} MB, load avg {load:.1f}", flush=True)
     finally:
-        stop_processes(busy)
+        stop_processes(procs)
     return runs
 
 if __name__ == "__main__":
