@@ -516,16 +516,13 @@ def _source_run_recipe(ckpt: Path | None) -> Path | None:
 
 
 def _read_run_recipe(path: Path) -> dict[str, Any]:
-    import yaml
 
     from apo_cli.recipe_yaml import load_file
 
     try:
         old = load_file(path) or {}
-    except ValueError as e:  # over a recipe's caps (an alias bomb, a huge file)
+    except ValueError as e:  # not YAML, or over a recipe's caps (an alias bomb, a huge file)
         raise RunDirError(f"{e}; move the run directory away or choose another") from None
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise RunDirError(f"{path} is not valid YAML; move the run directory away or choose another") from None
     if not isinstance(old, dict):
         raise RunDirError(f"{path} is not a recipe; move the run directory away or choose another")
     return old

@@ -110,7 +110,6 @@ def resolve_model(arg: str) -> ResolvedModel:
 
 def run_base_model(run_dir: Path) -> ResolvedModel:
     """The model a run started from (for `apo eval --base`)."""
-    import yaml
 
     from apo_cli.checkpoint import list_checkpoints, read_trainer_state
     from apo_cli.models import resolve_model_path
@@ -127,7 +126,7 @@ def run_base_model(run_dir: Path) -> ResolvedModel:
         data = load_file(run_dir / "recipe.yaml") or {}  # under a recipe's caps: the run may be someone else's
         name = data["model"]["name_or_path"]
         seed = int((data.get("run") or {}).get("seed", 0))
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+    except (OSError, KeyError, TypeError, ValueError):
         raise UsageError(f"--base: cannot tell the base model of {run_dir} (no readable recipe.yaml)") from None
     return ResolvedModel(resolve_model_path(name, seed), f"{run_dir.name}/base", "base", run_dir, 0)
 

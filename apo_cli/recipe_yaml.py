@@ -177,18 +177,23 @@ def load_file(path: Path) -> Any:
     """The YAML value in ``path`` under a recipe's caps (size, depth, alias expansion), for files apo
     reads back from a run directory (its ``recipe.yaml``), which may come from someone else.
 
-    ``ValueError`` (its message names the file and the cap) for a file over them; otherwise what
-    ``yaml.safe_load`` and reading raise (``yaml.YAMLError``, ``UnicodeDecodeError``, ``OSError``)."""
+    ``ValueError`` whose message names the file for any file that is not a recipe's YAML: over the
+    caps, not UTF-8, not YAML ("PATH is not valid YAML"); ``OSError`` when it cannot be read."""
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
         raise ValueError(f"{path} is {size:,} bytes; a recipe may be at most {MAX_RECIPE_BYTES:,} bytes")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not valid YAML") from None
     problem = _shape_problem(text)
     if problem:
         raise ValueError(f"{path}: {problem}")
     try:
         return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ValueError(f"{path} is not valid YAML") from None
     except RecursionError:
         raise ValueError(f"{path}: the recipe is nested more than {MAX_DEPTH} levels deep") from None
 

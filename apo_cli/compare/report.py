@@ -170,14 +170,13 @@ def _arms_and_seeds(root: Path) -> tuple[list[tuple[str, str | None]], list[int]
 
 
 def _objective(path: Path) -> str | None:
-    import yaml
 
     from apo_cli.recipe_yaml import load_file
 
     try:
         data = load_file(path / "recipe.yaml")
         return str(((data or {}).get("algorithm") or {}).get("objective") or "apo")
-    except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError):
         return None
 
 

@@ -50,7 +50,6 @@ class Outcome:
 
 def run_state(plan: Plan, arm: str, seed: int) -> RunState:
     """What the run directory holds for this run; RunDirError when it holds another recipe's run."""
-    import yaml
 
     from apo_cli.checkpoint import SAFE_SECTIONS, SAFE_TO_CHANGE, recipe_diff
     from apo_cli.recipe_yaml import load_file
@@ -62,7 +61,7 @@ def run_state(plan: Plan, arm: str, seed: int) -> RunState:
         return RunState("new")
     try:
         old = load_file(existing)
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError):  # ValueError: over a recipe's caps
+    except ValueError:  # not YAML, or over a recipe's caps
         old = None
     if not isinstance(old, dict):
         raise RunDirError(f"{existing} is not a recipe; move {run_dir} away or use another --output-dir")

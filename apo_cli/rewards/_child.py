@@ -62,10 +62,7 @@ class ChildProcess:
 
     def exit_text(self) -> str:
         """How the child ended (waiting up to 5 s for it to be reaped), e.g. "was killed by SIGKILL"."""
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        self._reap()
         return exit_text(self.proc.returncode)
 
     def kill(self, *also_close: IO[bytes]) -> None:
@@ -77,12 +74,15 @@ class ChildProcess:
                 self.proc.kill()
         except OSError:  # already gone
             pass
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        self._reap()
         for f in (self.proc.stdin, self.proc.stdout, *also_close):
             try:
                 f.close()
             except OSError:
                 pass
+
+    def _reap(self) -> None:
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
