@@ -1,17 +1,25 @@
 """Fixed-seed tiny runs whose metrics and weights were recorded before the training core was
 redesigned (issue 13), so the redesign can be shown to change nothing.
 
-``python -m tests.golden.runs --record`` writes ``tests/golden/train_golden.json`` from the code as
-it is; ``tests/test_golden.py`` reruns the same recipes and compares. Floating-point results depend
-on the processor's vector kernels, so the file records the torch CPU capability it was made on and
-the comparison is exact (every metric value, every weight tensor's bytes) on a processor of the same
-capability.
+``python -m tests.golden.runs --record`` writes ``tests/golden/train_golden-<processor>.json`` from the
+code as it is; ``tests/test_golden.py`` reruns the same recipes and compares with the file of this
+processor. Floating-point results depend on the processor's vector kernels, so each file records the
+:func:`capability` it was made on and the comparison is exact (every metric value, every weight
+tensor's bytes) on a processor of the same capability. Each file was recorded from the code before
+the redesign (commit 8fe6e21, in a ``git worktree``), on the processor it names; that commit's script
+writes ``train_golden.json`` with torch's capability alone, so the file is renamed to
+:func:`record_path` and its ``capability`` set to :func:`capability`.
+
+The runs fix the training phase's thread count at torch's (``OMP_NUM_THREADS``): the code before the
+redesign had no thread governor, and on some processors (Intel's with AMX) MKL's matrix products
+differ in their last bits between thread counts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -19,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
-GOLDEN = HERE / "train_golden.json"
+RECORDS = HERE.glob("train_golden-*.json")  # one per processor kind, each with its "capability"
 TIMING_PREFIXES = ("time/", "step_time", "tokens_per_s", "perf/")  # perf/: throughput and MFU, timings too
 
 _BASE = {
@@ -62,6 +70,22 @@ def _recipe(root: Path, name: str, sections: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_all(root: Path) -> dict[str, Any]:
+    import os
+
+    import torch
+
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # no governor (see the module docstring)
+    try:
+        return _run_all(root)
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
+def _run_all(root: Path) -> dict[str, Any]:
     from apo_cli.recipe import recipe_from_dict
     from apo_cli.train import train_from_recipe
 
@@ -83,9 +107,28 @@ def run_all(root: Path) -> dict[str, Any]:
 
 
 def capability() -> str:
+    """torch's version and CPU capability, the processor's vendor, and "AMX" where it has AMX: MKL
+    picks other kernels on processors of the same capability (an AMD EPYC and an Intel Xeon with AMX,
+    both AVX512, give other bits)."""
     import torch
 
-    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+    vendor, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id":
+                vendor = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:  # not Linux
+        pass
+    amx = " AMX" if "amx_tile" in flags else ""
+    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {vendor or 'unknown'}{amx}"
+
+
+def record_path(cap: str) -> Path:
+    return HERE / f"train_golden-{re.sub(r'[^a-z0-9]+', '-', cap.lower()).strip('-')}.json"
 
 
 def main() -> None:
@@ -96,8 +139,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         runs = run_all(Path(tmp))
-    GOLDEN.write_text(json.dumps({"capability": capability(), "runs": runs}, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {GOLDEN}")
+    path = record_path(capability())
+    path.write_text(json.dumps({"capability": capability(), "runs": runs}, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
