@@ -19,11 +19,16 @@ One policy, applied in two places:
     fraction of a time slice (``benchmarks/vs_trl.py --contend 1``).
   * ``THP_MEM_ALLOC_ENABLE=1``: torch's CPU allocator asks for transparent huge pages for tensors of
     2 MB and more (one fault per 2 MB instead of 512 when a step's activations are first touched).
+  * ``MKL_CBWR=AUTO,STRICT``: MKL's matrix products give the same bits with any thread count. On an
+    Intel Xeon with AMX, MKL otherwise splits the inner dimension of many products among its
+    threads (a training step with 1 thread and with 2 differed in the last bits), so a run whose
+    training threads the :class:`ThreadGovernor` changed would not repeat. Measured there: no
+    slower (SmolLM2's products, 32 and 240 rows); on an AMD EPYC the products were already the same.
   * glibc malloc keeps freed memory (:func:`keep_freed_memory`; a call, not a variable, so it is
     made in this process only: each child process makes its own).
 
-  A choice the user made (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``; ``THP_MEM_ALLOC_ENABLE``;
-  ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``) is left alone, and so is everything when
+  A choice the user made (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``; ``THP_MEM_ALLOC_ENABLE``; ``MKL_CBWR``;
+  any of :data:`MALLOC_VARS`) is left alone, and so is everything when
   torch is already imported (a script that imports torch first keeps its settings:
   :func:`configure_process` says so by returning False). None of this changes a result: the same
   kernels run on the same data (``tests/test_golden.py``).
@@ -51,10 +56,12 @@ __all__ = ["available_cores", "configure_process", "keep_freed_memory", "local_p
 WAIT_POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 # an idle OpenMP thread spins this many turns (tens of microseconds) before it sleeps; libgomp's default is 300 000
 SPIN_COUNT = "30000"
-# glibc mallopt parameters (malloc.h) and the values keep_freed_memory() gives them
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
-TRIM_THRESHOLD = 512 << 20
+# MKL's conditional numerical reproducibility: the same bits with any thread count
+MKL_CBWR = "AUTO,STRICT"
+# glibc mallopt parameters (malloc.h); keep_freed_memory() sets both to 0 / -1 (see there)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# the glibc variables with which a user chooses malloc's behaviour; any of them set: hands off
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def available_cores() -> int:
@@ -114,8 +121,9 @@ class ThreadGovernor:
     come back. Off Linux (no ``/proc/stat``) the count stays at ``ceiling``.
 
     Only the training phase is governed: its kernels (large matmuls, row-wise softmax, AdamW) give
-    the same bits with any thread count (tests/test_threads.py trains with 1 and with 2 threads and
-    compares every metric and weight), while the decoding step's attention kernel does not, so
+    the same bits with any thread count (MKL's under ``MKL_CBWR=AUTO,STRICT``, which
+    :func:`configure_process` sets; tests/test_threads.py trains with 1 and with 2 threads, as the
+    ``apo`` command runs, and compares every metric and weight), while the decoding step's attention kernel does not, so
     sampling keeps the full count (the CPU backend sets it around each rollout)."""
 
     MIN_INTERVAL_S = 0.5  # shorter intervals are added to the next one (/proc/stat counts 1/100 s)
@@ -181,9 +189,10 @@ def configure_process(env: MutableMapping[str, str] | None = None) -> bool:
 
 
 def _set_env_policy(env: MutableMapping[str, str]) -> bool:
-    """The policy's variables in ``env`` (huge pages; the spin count), each unless the user chose;
-    whether the wait policy was set."""
+    """The policy's variables in ``env`` (huge pages; MKL's reproducibility; the spin count), each
+    unless the user chose; whether the wait policy was set."""
     env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    env.setdefault("MKL_CBWR", MKL_CBWR)
     if any(v in env for v in WAIT_POLICY_VARS):
         return False
     env["GOMP_SPINCOUNT"] = SPIN_COUNT
@@ -191,14 +200,21 @@ def _set_env_policy(env: MutableMapping[str, str]) -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """glibc malloc: serve blocks up to 32 MiB from the heap and keep up to 512 MiB of freed memory.
+    """glibc malloc: serve every block from the heap, and never hand freed memory back to the kernel.
 
-    By default glibc hands every block over its (adaptive) mmap threshold straight to the kernel when
-    it is freed, so the next step's tensor of the same size is faulted in and zeroed page by page
-    again; a training step of SmolLM2 took ~400 000 page faults and 1.5-2.8 s of system time that
-    way. ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set by the user win (glibc reads
-    them itself). Returns whether the settings were applied (False off glibc)."""
-    if any(v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+    By default glibc gives each block over its mmap threshold (adaptive, at most 32 MiB) a mapping
+    of its own and unmaps it when it is freed, and it returns the free top of the heap to the
+    kernel past 128 KiB; the next step's tensors of the same sizes are then faulted in and zeroed
+    page by page again. A step of SmolLM2 frees and takes back gigabytes (logits of 50 MB, a
+    113 MB embedding gradient, the activations): ~400 000 page faults and 1.5-2.8 s of system time
+    a step by default, still 15 000-130 000 faults and 0.2-1.1 s with only the threshold raised.
+    With ``M_MMAP_MAX = 0`` (no mmap for blocks) and ``M_TRIM_THRESHOLD = -1`` (no trimming) a
+    step reuses what the last one freed: from the third step on, about no faults. The process's
+    peak resident memory is the same (a freed block is reused, not added to); it stays at that
+    peak until the process ends, as a GPU caching allocator does. ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_TOP_PAD_`` set by the user: left to
+    glibc, which reads them itself. Returns whether the settings were applied (False off glibc)."""
+    if any(v in os.environ for v in MALLOC_VARS):
         return False
     try:
         import ctypes
@@ -207,8 +223,8 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS)
         return False
-    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    return mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    ok = mallopt(_M_MMAP_MAX, 0) == 1
+    return mallopt(_M_TRIM_THRESHOLD, -1) == 1 and ok
 
 
 def share_env(jobs: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
