@@ -27,11 +27,12 @@ One policy, applied in two places:
   * glibc malloc keeps freed memory (:func:`keep_freed_memory`; a call, not a variable, so it is
     made in this process only: each child process makes its own).
 
-  A choice the user made (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``; ``THP_MEM_ALLOC_ENABLE``; ``MKL_CBWR``;
-  any of :data:`MALLOC_VARS`) is left alone, and so is everything when
-  torch is already imported (a script that imports torch first keeps its settings:
-  :func:`configure_process` says so by returning False). None of this changes a result: the same
-  kernels run on the same data (``tests/test_golden.py``).
+  A choice the user made (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``; ``THP_MEM_ALLOC_ENABLE``;
+  ``MKL_CBWR``; any of :data:`MALLOC_VARS`) is left alone, and so is everything when torch is
+  already imported (a script that imports torch first keeps its settings:
+  :func:`configure_process` says so by returning False). None of this changes what is computed,
+  only where MKL's products split their sums: on a processor where they depended on the thread
+  count, ``MKL_CBWR`` gives them one split for every count (other last bits than before there).
 - :func:`torch_threads` is what the CPU backend passes to ``torch.set_num_threads``: the recipe's
   ``backend.threads`` when set; else an explicit ``OMP_NUM_THREADS`` the user gave (``apo compare
   --jobs`` sets it for each of its processes); else the cores this process may run on
@@ -123,8 +124,9 @@ class ThreadGovernor:
     Only the training phase is governed: its kernels (large matmuls, row-wise softmax, AdamW) give
     the same bits with any thread count (MKL's under ``MKL_CBWR=AUTO,STRICT``, which
     :func:`configure_process` sets; tests/test_threads.py trains with 1 and with 2 threads, as the
-    ``apo`` command runs, and compares every metric and weight), while the decoding step's attention kernel does not, so
-    sampling keeps the full count (the CPU backend sets it around each rollout)."""
+    ``apo`` command runs, and compares every metric and weight), while the decoding step's
+    attention kernel does not, so sampling keeps the full count (the CPU backend sets it around
+    each rollout)."""
 
     MIN_INTERVAL_S = 0.5  # shorter intervals are added to the next one (/proc/stat counts 1/100 s)
 
