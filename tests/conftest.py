@@ -19,6 +19,12 @@ if "APO_CACHE" not in os.environ:
 
     os.environ["APO_CACHE"] = os.path.join(tempfile.gettempdir(), "apo-test-cache")
 
+# MKL's products as the apo command runs them (MKL_CBWR on Intel), before anything computes with
+# torch: the tests compare runs in this process with runs of `apo` subprocesses bit for bit
+from apo_cli.runtime.threads import reproducible_mkl  # noqa: E402
+
+reproducible_mkl(os.environ)
+
 import pytest  # noqa: E402
 
 

@@ -17,11 +17,16 @@ from apo_cli.runtime.threads import (
     ThreadGovernor,
     available_cores,
     configure_process,
+    cpu_vendor,
     local_processes,
+    reproducible_mkl,
     share_env,
     torch_threads,
     user_threads,
 )
+
+# MKL_CBWR as configure_process() sets it on this machine's processor: AUTO,STRICT on Intel, else unset
+INTEL_MKL = "AUTO,STRICT" if cpu_vendor() == "GenuineIntel" else None
 
 needs_two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs an affinity mask of 2+ cores")
 
@@ -63,11 +68,26 @@ def test_share_env_gives_each_job_its_share_and_keeps_the_users_choices():
     env = share_env(2, {"PATH": "/bin"})
     assert env["OMP_NUM_THREADS"] == str(max(1, available_cores() // 2))
     assert env["GOMP_SPINCOUNT"] == SPIN_COUNT and env["THP_MEM_ALLOC_ENABLE"] == "1" and env["PATH"] == "/bin"
-    assert env["MKL_CBWR"] == "AUTO,STRICT"
+    assert env.get("MKL_CBWR") == INTEL_MKL  # on Intel only
     mine = share_env(2, {"OMP_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE", "THP_MEM_ALLOC_ENABLE": "0",
                          "MKL_CBWR": "COMPATIBLE"})
     assert mine["OMP_NUM_THREADS"] == "7" and "GOMP_SPINCOUNT" not in mine and mine["OMP_WAIT_POLICY"] == "ACTIVE"
     assert mine["THP_MEM_ALLOC_ENABLE"] == "0" and mine["MKL_CBWR"] == "COMPATIBLE"
+
+
+def test_mkl_is_made_reproducible_on_intel_only_and_never_over_the_users(tmp_path, monkeypatch):
+    for vendor, want in (("GenuineIntel", "AUTO,STRICT"), ("AuthenticAMD", None)):
+        info = tmp_path / f"{vendor}.txt"
+        info.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu avx2\n")
+        assert cpu_vendor(str(info)) == vendor
+        monkeypatch.setattr("apo_cli.runtime.threads.cpu_vendor", lambda v=vendor: v)
+        env: dict[str, str] = {}
+        reproducible_mkl(env)
+        assert env.get("MKL_CBWR") == want
+        mine = {"MKL_CBWR": "COMPATIBLE"}
+        reproducible_mkl(mine)
+        assert mine == {"MKL_CBWR": "COMPATIBLE"}
+    assert cpu_vendor(str(tmp_path / "missing")) == ""
 
 
 _POLICY = ("import json, os; from apo_cli.runtime.threads import configure_process; r = configure_process(); "
@@ -80,9 +100,9 @@ def test_process_policy_is_set_before_torch_only_and_never_over_the_users():
 
     env: dict[str, str] = {}
     assert configure_process(env) is False and env == {}  # this process has torch imported already
-    assert _python(_POLICY) == [True, SPIN_COUNT, None, "1", "AUTO,STRICT"]
-    assert _python(_POLICY, {"OMP_WAIT_POLICY": "ACTIVE"}) == [False, None, "ACTIVE", "1", "AUTO,STRICT"]
-    assert _python(_POLICY, {"GOMP_SPINCOUNT": "100000"}) == [False, "100000", None, "1", "AUTO,STRICT"]
+    assert _python(_POLICY) == [True, SPIN_COUNT, None, "1", INTEL_MKL]
+    assert _python(_POLICY, {"OMP_WAIT_POLICY": "ACTIVE"}) == [False, None, "ACTIVE", "1", INTEL_MKL]
+    assert _python(_POLICY, {"GOMP_SPINCOUNT": "100000"}) == [False, "100000", None, "1", INTEL_MKL]
     assert _python(_POLICY, {"THP_MEM_ALLOC_ENABLE": "0", "MKL_CBWR": "AVX2"}) == [True, SPIN_COUNT, None, "0", "AVX2"]
 
 

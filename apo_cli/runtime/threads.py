@@ -19,11 +19,12 @@ One policy, applied in two places:
     fraction of a time slice (``benchmarks/vs_trl.py --contend 1``).
   * ``THP_MEM_ALLOC_ENABLE=1``: torch's CPU allocator asks for transparent huge pages for tensors of
     2 MB and more (one fault per 2 MB instead of 512 when a step's activations are first touched).
-  * ``MKL_CBWR=AUTO,STRICT``: MKL's matrix products give the same bits with any thread count. On an
-    Intel Xeon with AMX, MKL otherwise splits the inner dimension of many products among its
-    threads (a training step with 1 thread and with 2 differed in the last bits), so a run whose
-    training threads the :class:`ThreadGovernor` changed would not repeat. Measured there: no
-    slower (SmolLM2's products, 32 and 240 rows); on an AMD EPYC the products were already the same.
+  * ``MKL_CBWR=AUTO,STRICT`` on Intel processors (:func:`reproducible_mkl`): MKL's matrix products
+    give the same bits with any thread count. On an Intel Xeon with AMX, MKL otherwise splits the
+    inner dimension of many products among its threads (a training step with 1 thread and with 2
+    differed in the last bits), so a run whose training threads the :class:`ThreadGovernor` changed
+    would not repeat. Measured there: no slower (SmolLM2's products, 32 and 240 rows). On an AMD
+    EPYC MKL's products were already the same with any count, and MKL is left as it is there.
   * glibc malloc keeps freed memory (:func:`keep_freed_memory`; a call, not a variable, so it is
     made in this process only: each child process makes its own).
 
@@ -31,8 +32,8 @@ One policy, applied in two places:
   ``MKL_CBWR``; any of :data:`MALLOC_VARS`) is left alone, and so is everything when torch is
   already imported (a script that imports torch first keeps its settings:
   :func:`configure_process` says so by returning False). None of this changes what is computed,
-  only where MKL's products split their sums: on a processor where they depended on the thread
-  count, ``MKL_CBWR`` gives them one split for every count (other last bits than before there).
+  only where MKL's products split their sums on Intel processors: one split for every thread count
+  (other last bits than MKL's default there).
 - :func:`torch_threads` is what the CPU backend passes to ``torch.set_num_threads``: the recipe's
   ``backend.threads`` when set; else an explicit ``OMP_NUM_THREADS`` the user gave (``apo compare
   --jobs`` sets it for each of its processes); else the cores this process may run on
@@ -50,7 +51,7 @@ import sys
 import time
 from collections.abc import Mapping, MutableMapping
 
-__all__ = ["available_cores", "configure_process", "keep_freed_memory", "local_processes", "share_env",
+__all__ = ["available_cores", "configure_process", "cpu_vendor", "keep_freed_memory", "reproducible_mkl", "local_processes", "share_env",
            "torch_threads", "user_threads", "ThreadGovernor", "SPIN_COUNT", "WAIT_POLICY_VARS"]
 
 # the variables a user may set to choose OpenMP's waiting themselves; any of them set: hands off
@@ -122,7 +123,7 @@ class ThreadGovernor:
     come back. Off Linux (no ``/proc/stat``) the count stays at ``ceiling``.
 
     Only the training phase is governed: its kernels (large matmuls, row-wise softmax, AdamW) give
-    the same bits with any thread count (MKL's under ``MKL_CBWR=AUTO,STRICT``, which
+    the same bits with any thread count (MKL's on Intel under ``MKL_CBWR=AUTO,STRICT``, which
     :func:`configure_process` sets; tests/test_threads.py trains with 1 and with 2 threads, as the
     ``apo`` command runs, and compares every metric and weight), while the decoding step's
     attention kernel does not, so sampling keeps the full count (the CPU backend sets it around
@@ -191,14 +192,36 @@ def configure_process(env: MutableMapping[str, str] | None = None) -> bool:
 
 
 def _set_env_policy(env: MutableMapping[str, str]) -> bool:
-    """The policy's variables in ``env`` (huge pages; MKL's reproducibility; the spin count), each
-    unless the user chose; whether the wait policy was set."""
+    """The policy's variables in ``env`` (huge pages; MKL's reproducibility on Intel; the spin
+    count), each unless the user chose; whether the wait policy was set."""
     env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    env.setdefault("MKL_CBWR", MKL_CBWR)
+    reproducible_mkl(env)
     if any(v in env for v in WAIT_POLICY_VARS):
         return False
     env["GOMP_SPINCOUNT"] = SPIN_COUNT
     return True
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor's vendor ("GenuineIntel", "AuthenticAMD", ...), "" where unknown (not Linux)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def reproducible_mkl(env: MutableMapping[str, str]) -> None:
+    """``MKL_CBWR=AUTO,STRICT`` in ``env`` on an Intel processor, unless ``MKL_CBWR`` is set (see the
+    module docstring). MKL reads it once, at its first call: set it before torch computes anything.
+    The test suite sets it the same way (tests/conftest.py), so its runs in-process and those of
+    ``apo`` subprocesses give the same bits."""
+    if "MKL_CBWR" not in env and cpu_vendor() == "GenuineIntel":
+        env["MKL_CBWR"] = MKL_CBWR
 
 
 def keep_freed_memory() -> bool:

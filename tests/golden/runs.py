@@ -11,8 +11,9 @@ writes ``train_golden.json`` with torch's capability alone, so the file is renam
 :func:`record_path` and its ``capability`` set to :func:`capability`.
 
 The runs fix the training phase's thread count at torch's (``OMP_NUM_THREADS``): the code before the
-redesign had no thread governor, and on some processors (Intel's with AMX) MKL's matrix products
-differ in their last bits between thread counts.
+redesign had no thread governor. On Intel processors they run with ``MKL_CBWR=AUTO,STRICT``, as the
+``apo`` command and the test suite do (apo_cli/runtime/threads.py), and their records were made so
+(``MKL_CBWR=AUTO,STRICT python -m tests.golden.runs --record`` at 8fe6e21).
 """
 
 from __future__ import annotations
@@ -112,19 +113,19 @@ def capability() -> str:
     both AVX512, give other bits)."""
     import torch
 
-    vendor, flags = "", set()
+    from apo_cli.runtime.threads import cpu_vendor
+
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "vendor_id":
-                vendor = value.strip()
-            elif key.strip() == "flags":
+            if key.strip() == "flags":
                 flags = set(value.split())
                 break
     except OSError:  # not Linux
         pass
     amx = " AMX" if "amx_tile" in flags else ""
-    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {vendor or 'unknown'}{amx}"
+    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {cpu_vendor() or 'unknown'}{amx}"
 
 
 def record_path(cap: str) -> Path:
