@@ -267,5 +267,7 @@ def test_the_governed_thread_count_changes_no_result(tmp_path):
         seen.append({r["perf/threads"] for r in raw})
         out[threads] = _metrics(run), _weights(run / "checkpoints" / "step-3")  # all but timings
     assert seen == [{1.0}, {2.0}]  # the training phases did run with 1 and with 2 threads
-    assert out[1][0] == out[2][0]
+    from tests.test_faults import _first_difference
+
+    assert out[1][0] == out[2][0], _first_difference(out[1][0], out[2][0])
     assert out[1][1] == out[2][1] and out[1][1]
