@@ -110,8 +110,8 @@ def test_the_apo_command_sets_the_policy_before_anything_imports_torch():
     code = ("import json, os, sys\nfrom apo_cli import main as m\nsys.argv = ['apo', '--version']\n"
             "try:\n    m.main()\nexcept SystemExit:\n    pass\n"
             "print(json.dumps([os.environ.get('GOMP_SPINCOUNT'), os.environ.get('THP_MEM_ALLOC_ENABLE'), "
-            "'torch' in sys.modules]))")
-    assert _python(code) == [SPIN_COUNT, "1", False]
+            "os.environ.get('MKL_CBWR'), 'torch' in sys.modules]))")
+    assert _python(code) == [SPIN_COUNT, "1", INTEL_MKL, False]
 
 
 # Training steps (forward, backward, AdamW) of a small Llama built from a config: the minor page
@@ -217,27 +217,12 @@ def test_governor_gives_a_core_taken_by_another_process_back():
         busy.wait()
 
 
-# `apo train RECIPE` as the command runs it (configure_process() first), the governor's count fixed
-_GOVERNED = """
-import sys
-from apo_cli.runtime import threads
-from apo_cli.runtime.threads import ThreadGovernor, configure_process
-assert configure_process()
-threads.available_cores = lambda: 2  # a ceiling of 2 on a machine with more cores
-recipe, n = sys.argv[1], int(sys.argv[2])
-ThreadGovernor.update = lambda self: n
-from apo_cli.main import main
-sys.argv = ["apo", "train", recipe]
-main()
-"""
-
-
 @needs_two_cores
-def test_the_governed_thread_count_changes_no_result(tmp_path):
+def test_the_governed_thread_count_changes_no_result(tmp_path, cli, monkeypatch):
     """The governor changes the training phase's threads between steps, so a seeded run must not
     depend on them: the same run trained with 1 and with 2 threads (sampling at the full count) gives
-    the same metrics and weights, bit for bit (a model wide enough that torch and MKL split their
-    kernels; on an Intel Xeon with AMX this needs configure_process()'s MKL_CBWR)."""
+    the same metrics and weights, bit for bit (a model wide enough that torch splits its kernels; on
+    an Intel Xeon with AMX MKL's products need MKL_CBWR, which the apo command and tests/conftest.py set)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -252,20 +237,22 @@ def test_the_governed_thread_count_changes_no_result(tmp_path):
     folder = tmp_path / "model"
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
-    env = {k: v for k, v in os.environ.items()  # nothing fixes the count or chooses the policy
-           if not k.startswith(("MALLOC_", "THP_", "MKL_")) and k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    out, seen = {}, []
-    for threads in (1, 2):
-        d = tiny_recipe(tmp_path, f"t{threads}", model={"name_or_path": str(folder)}, run={"max_steps": 3},
-                        checkpoint={"every": 3, "keep_last": 1}, logging={"dashboard": "off"})
-        res = subprocess.run([sys.executable, "-c", _GOVERNED, str(write_recipe(tmp_path, d, f"r{threads}.yaml")),
-                              str(threads)], env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stdout + res.stderr
-        run = tmp_path / f"t{threads}"
-        raw = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        seen.append({r["perf/threads"] for r in raw})
-        out[threads] = _metrics(run), _weights(run / "checkpoints" / "step-3")  # all but timings
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the governor runs only when nothing fixes the count
+    monkeypatch.setattr("apo_cli.runtime.threads.available_cores", lambda: 2)
+    before, out, seen = torch.get_num_threads(), {}, []
+    try:
+        for threads in (1, 2):
+            monkeypatch.setattr(ThreadGovernor, "update", lambda self, n=threads: n)
+            d = tiny_recipe(tmp_path, f"t{threads}", model={"name_or_path": str(folder)}, run={"max_steps": 3},
+                            checkpoint={"every": 3, "keep_last": 1})
+            res = cli("train", str(write_recipe(tmp_path, d, f"r{threads}.yaml")))
+            assert res.exit_code == 0, res.output
+            run = tmp_path / f"t{threads}"
+            raw = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            seen.append({r["perf/threads"] for r in raw})
+            out[threads] = _metrics(run), _weights(run / "checkpoints" / "step-3")  # all but timings
+    finally:
+        torch.set_num_threads(before)
     assert seen == [{1.0}, {2.0}]  # the training phases did run with 1 and with 2 threads
     from tests.test_faults import _first_difference
 

@@ -124,8 +124,8 @@ class ThreadGovernor:
 
     Only the training phase is governed: its kernels (large matmuls, row-wise softmax, AdamW) give
     the same bits with any thread count (MKL's on Intel under ``MKL_CBWR=AUTO,STRICT``, which
-    :func:`configure_process` sets; tests/test_threads.py trains with 1 and with 2 threads, as the
-    ``apo`` command runs, and compares every metric and weight), while the decoding step's
+    :func:`configure_process` sets; tests/test_threads.py trains with 1 and with 2 threads and
+    compares every metric and weight), while the decoding step's
     attention kernel does not, so sampling keeps the full count (the CPU backend sets it around
     each rollout)."""
 

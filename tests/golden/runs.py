@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
-RECORDS = HERE.glob("train_golden-*.json")  # one per processor kind, each with its "capability"
+RECORDS = sorted(HERE.glob("train_golden-*.json"))  # one per processor kind, each with its "capability"
 TIMING_PREFIXES = ("time/", "step_time", "tokens_per_s", "perf/")  # perf/: throughput and MFU, timings too
 
 _BASE = {
