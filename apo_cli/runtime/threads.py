@@ -51,8 +51,9 @@ import sys
 import time
 from collections.abc import Mapping, MutableMapping
 
-__all__ = ["available_cores", "configure_process", "cpu_vendor", "keep_freed_memory", "reproducible_mkl", "local_processes", "share_env",
-           "torch_threads", "user_threads", "ThreadGovernor", "SPIN_COUNT", "WAIT_POLICY_VARS"]
+__all__ = ["available_cores", "configure_process", "cpu_field", "cpu_vendor", "keep_freed_memory", "local_processes",
+           "reproducible_mkl", "share_env", "torch_threads", "user_threads", "ThreadGovernor", "SPIN_COUNT",
+           "WAIT_POLICY_VARS"]
 
 # the variables a user may set to choose OpenMP's waiting themselves; any of them set: hands off
 WAIT_POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
@@ -125,9 +126,8 @@ class ThreadGovernor:
     Only the training phase is governed: its kernels (large matmuls, row-wise softmax, AdamW) give
     the same bits with any thread count (MKL's on Intel under ``MKL_CBWR=AUTO,STRICT``, which
     :func:`configure_process` sets; tests/test_threads.py trains with 1 and with 2 threads and
-    compares every metric and weight), while the decoding step's
-    attention kernel does not, so sampling keeps the full count (the CPU backend sets it around
-    each rollout)."""
+    compares every metric and weight), while the decoding step's attention kernel does not, so
+    sampling keeps the full count (the CPU backend sets it around each rollout)."""
 
     MIN_INTERVAL_S = 0.5  # shorter intervals are added to the next one (/proc/stat counts 1/100 s)
 
@@ -202,17 +202,23 @@ def _set_env_policy(env: MutableMapping[str, str]) -> bool:
     return True
 
 
-def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The processor's vendor ("GenuineIntel", "AuthenticAMD", ...), "" where unknown (not Linux)."""
+def cpu_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The first processor's ``name`` line of ``/proc/cpuinfo`` ("vendor_id", "flags", ...), "" where
+    there is none (not Linux)."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
+                if key.strip() == name:
                     return value.strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor's vendor ("GenuineIntel", "AuthenticAMD", ...), "" where unknown (not Linux)."""
+    return cpu_field("vendor_id", cpuinfo)
 
 
 def reproducible_mkl(env: MutableMapping[str, str]) -> None:

@@ -72,18 +72,12 @@ def _recipe(root: Path, name: str, sections: dict[str, Any]) -> dict[str, Any]:
 
 def run_all(root: Path) -> dict[str, Any]:
     import os
+    from unittest import mock
 
     import torch
 
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # no governor (see the module docstring)
-    try:
+    with mock.patch.dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())):  # no governor (module docstring)
         return _run_all(root)
-    finally:
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
 
 
 def _run_all(root: Path) -> dict[str, Any]:
@@ -113,17 +107,9 @@ def capability() -> str:
     both AVX512, give other bits)."""
     import torch
 
-    from apo_cli.runtime.threads import cpu_vendor
+    from apo_cli.runtime.threads import cpu_field, cpu_vendor
 
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:  # not Linux
-        pass
+    flags = set(cpu_field("flags").split())
     amx = " AMX" if "amx_tile" in flags else ""
     return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {cpu_vendor() or 'unknown'}{amx}"
 
