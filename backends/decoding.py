@@ -14,7 +14,9 @@ and returns G completions per prompt. It is a plain decoding loop rather than tr
   1/G of its forward); a token is drawn by inverse CDF (one uniform per row) instead of
   ``multinomial``'s one exponential per vocabulary entry (about a third of a decoding step on a 49k
   vocabulary); rows that have finished leave the batch (the cache is compacted once at least 1/8
-  of the batch is done).
+  of the batch is done); the cache has room for the whole completion, so a step writes its keys
+  and values in place instead of copying the cache onto itself (transformers' ``DynamicLayer``
+  concatenates: ~0.13 s of a 2.5 s SmolLM2 rollout of 32 × 16 tokens).
 
 Prompts are left-padded; position ids follow the attention mask. A completion ends at an EOS id
 (the generation config's and the tokenizer's) or a stop string; stop strings are found on decoded
@@ -28,6 +30,7 @@ imports vLLM or CUDA.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -129,6 +132,7 @@ def _decode(model: Any, prompts: list[list[int]], params: SamplingParams, eos: l
     logits = out.logits[:, -1].float().repeat_interleave(g, dim=0)  # [N, V]: the first token's, shared by a group
     del out
     cache.batch_repeat_interleave(g)  # the prompt's KV, once per sample
+    _reserve(cache, t_max)  # room for the completion: a step writes its keys in place
     n = len(prompts) * g
     mask = mask.repeat_interleave(g, dim=0)  # [N, P]
     next_pos = pos[:, -1:].repeat_interleave(g, dim=0) + 1  # [N, 1]
@@ -169,6 +173,61 @@ def _decode(model: Any, prompts: list[list[int]], params: SamplingParams, eos: l
     if streamer is not None:
         streamer.end()
     return tokens, logprobs
+
+
+def _reserve(cache: Any, extra: int) -> None:
+    """Give every plain ``DynamicLayer`` of ``cache`` room for ``extra`` more positions.
+
+    transformers' dynamic layer concatenates each step's keys and values onto the whole cache (a copy
+    of the cache per layer per token); a reserved layer writes them into its buffer and hands
+    attention a view of the filled part, the same values. Other layer kinds are left as they are.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
+            layer.__class__ = _reserved_layer()
+            layer.reserve(extra)
+
+
+@functools.cache
+def _reserved_layer() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys and values are views of buffers with room to grow."""
+
+        def reserve(self, extra: int) -> None:
+            self.filled = self.keys.shape[-2]
+            self.k_buf, self.v_buf = (_grown(x, self.filled + extra) for x in (self.keys, self.values))
+            self._views()
+
+        def _views(self) -> None:
+            self.keys, self.values = self.k_buf[..., : self.filled, :], self.v_buf[..., : self.filled, :]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            end = self.filled + key_states.shape[-2]
+            if end > self.k_buf.shape[-2]:  # more than reserved: twice the room
+                self.k_buf, self.v_buf = (_grown(x, 2 * end) for x in (self.keys, self.values))
+            self.k_buf[..., self.filled : end, :] = key_states
+            self.v_buf[..., self.filled : end, :] = value_states
+            self.filled = end
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
+            self._views()
+
+    return ReservedLayer
+
+
+def _grown(x: torch.Tensor, length: int) -> torch.Tensor:
+    """A buffer of ``length`` positions (dim -2) whose first ones hold ``x``."""
+    buf = x.new_empty((*x.shape[:-2], length, x.shape[-1]))
+    buf[..., : x.shape[-2], :] = x
+    return buf
 
 
 def _warpers(params: SamplingParams) -> list[Any]:

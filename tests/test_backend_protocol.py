@@ -174,6 +174,50 @@ def test_the_sampler_alone_gives_the_backends_completions():
     assert backend.generate([], params) == []
 
 
+def test_the_reserved_cache_holds_what_concatenation_holds():
+    """A decoding step writes its keys into the reserved buffer: at every step (compactions and a
+    step past the reserved room included) attention sees what transformers' concatenating layer holds."""
+    from transformers.cache_utils import DynamicLayer
+
+    from backends.decoding import _reserve
+
+    class Cache:  # the part of a transformers cache the sampler touches
+        def __init__(self):
+            self.layers = [DynamicLayer()]
+
+    torch.manual_seed(0)
+    k0, v0 = torch.randn(6, 2, 5, 4), torch.randn(6, 2, 5, 4)
+    plain, reserved = DynamicLayer(), Cache()
+    plain.update(k0, v0)
+    reserved.layers[0].update(k0.clone(), v0.clone())
+    _reserve(reserved, 3)
+    layer = reserved.layers[0]
+    assert type(layer).__name__ == "ReservedLayer" and layer.k_buf.shape[-2] == 8
+    for step in range(5):  # two steps past the room reserved
+        if step == 2:
+            keep = torch.tensor([0, 2, 3, 5])
+            plain.batch_select_indices(keep)
+            layer.batch_select_indices(keep)
+        k, v = torch.randn(len(plain.keys), 2, 1, 4), torch.randn(len(plain.keys), 2, 1, 4)
+        want, got = plain.update(k, v), layer.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+        assert layer.get_seq_length() == plain.get_seq_length() == 6 + step
+
+
+def test_sampling_with_the_reserved_cache_gives_the_concatenating_caches_completions(monkeypatch):
+    import backends.decoding as decoding
+    from backends.decoding import DecodingSampler
+
+    model, tok = tiny_policy()
+    prompts = [tok("12+3=").input_ids, tok("a longer prompt 7*8=").input_ids]  # left padding
+    params = SamplingParams(n=4, max_new_tokens=24, seed=2)
+    sampler = DecodingSampler(model, tok, torch.device("cpu"), __import__("contextlib").nullcontext)
+    got = sampler.generate(prompts, params)
+    monkeypatch.setattr(decoding, "_reserve", lambda cache, extra: None)  # transformers' own layers
+    want = sampler.generate(prompts, params)
+    assert [[(c.ids, c.logprobs) for c in g] for g in got] == [[(c.ids, c.logprobs) for c in g] for g in want]
+
+
 # -- streaming ------------------------------------------------------------------------------------
 
 
