@@ -195,30 +195,31 @@ def _reserved_layer() -> type:
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
-        """A ``DynamicLayer`` whose keys and values are views of buffers with room to grow."""
+        """A ``DynamicLayer`` whose keys and values are views of the filled part of buffers with room to grow."""
 
         def reserve(self, extra: int) -> None:
-            self.filled = self.keys.shape[-2]
-            self.k_buf, self.v_buf = (_grown(x, self.filled + extra) for x in (self.keys, self.values))
-            self._views()
+            n = self.keys.shape[-2]
+            self.k_buf, self.v_buf = (_grown(x, n + extra) for x in (self.keys, self.values))
+            self._fill(n)
 
-        def _views(self) -> None:
-            self.keys, self.values = self.k_buf[..., : self.filled, :], self.v_buf[..., : self.filled, :]
+        def _fill(self, n: int) -> None:  # the first n positions are the cache
+            self.keys, self.values = self.k_buf[..., :n, :], self.v_buf[..., :n, :]
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            end = self.filled + key_states.shape[-2]
+            start = self.keys.shape[-2]
+            end = start + key_states.shape[-2]
             if end > self.k_buf.shape[-2]:  # more than reserved: twice the room
                 self.k_buf, self.v_buf = (_grown(x, 2 * end) for x in (self.keys, self.values))
-            self.k_buf[..., self.filled : end, :] = key_states
-            self.v_buf[..., self.filled : end, :] = value_states
-            self.filled = end
-            self._views()
+            self.k_buf[..., start:end, :] = key_states
+            self.v_buf[..., start:end, :] = value_states
+            self._fill(end)
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
+            n = self.keys.shape[-2]
             self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
-            self._views()
+            self._fill(n)
 
     return ReservedLayer
 

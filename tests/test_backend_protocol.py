@@ -4,6 +4,7 @@ decoding sampler (``backends.decoding``), and streaming goes through ``generate(
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import subprocess
 import sys
@@ -166,8 +167,6 @@ def test_the_sampler_alone_gives_the_backends_completions():
     backend = cpu_backend()
     backend.setup(model, tok)
     want = backend.generate(prompts, params)
-    import contextlib
-
     got = DecodingSampler(model, tok, torch.device("cpu"), contextlib.nullcontext).generate(prompts, params)
     assert [[(c.ids, c.finish_reason, c.logprobs) for c in g] for g in got] == \
            [[(c.ids, c.finish_reason, c.logprobs) for c in g] for g in want]
@@ -211,7 +210,7 @@ def test_sampling_with_the_reserved_cache_gives_the_concatenating_caches_complet
     model, tok = tiny_policy()
     prompts = [tok("12+3=").input_ids, tok("a longer prompt 7*8=").input_ids]  # left padding
     params = SamplingParams(n=4, max_new_tokens=24, seed=2)
-    sampler = DecodingSampler(model, tok, torch.device("cpu"), __import__("contextlib").nullcontext)
+    sampler = DecodingSampler(model, tok, torch.device("cpu"), contextlib.nullcontext)
     got = sampler.generate(prompts, params)
     monkeypatch.setattr(decoding, "_reserve", lambda cache, extra: None)  # transformers' own layers
     want = sampler.generate(prompts, params)
