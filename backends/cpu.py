@@ -1,7 +1,9 @@
 """CPU backend: the policy samples its own rollouts with a KV-cache decoding loop, and trains with
 PyTorch on the CPU.
 
-The engine *is* the policy, so ``sync_weights`` has nothing to do. ``generate`` is
+The engine *is* the policy, so ``sync_weights`` has nothing to do. The policy's no-grad forwards
+(sampling, reference and anchor passes) read a grouped-query model's keys in place
+(``backends.attention``: the same bits, without transformers' per-head copies). ``generate`` is
 ``backends.decoding.DecodingSampler`` (a plain decoding loop with exactly the recipe's sampling and
 vLLM-like engine log-probs; see that module), run under the backend's autocast; a sharded policy
 (under ``torchrun``: gloo, FSDP2) is gathered once around each call, so no collective runs per token.
@@ -22,6 +24,7 @@ from apo_cli.runtime.fsdp import gathered, shard
 from apo_cli.runtime.threads import ThreadGovernor, torch_threads, user_threads
 from apo_cli.runtime.world import World, destroy_process_group, init_process_group
 from backends import Completion, SamplingParams
+from backends.attention import use_grouped_attention
 from backends.decoding import DecodingSampler
 
 __all__ = ["CPUBackend"]
@@ -57,6 +60,7 @@ class CPUBackend:
 
     def setup(self, model: Any, tokenizer: Any) -> Any:
         self.model = model.to(self.device)
+        use_grouped_attention(self.model)  # no-grad forwards read grouped keys in place (backends/attention.py)
         if self.world.distributed:
             self.join()  # a no-op once joined
             self.model = shard(self.model, self.world, self.device)

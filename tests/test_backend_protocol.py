@@ -217,6 +217,74 @@ def test_sampling_with_the_reserved_cache_gives_the_concatenating_caches_complet
     assert [[(c.ids, c.logprobs) for c in g] for g in got] == [[(c.ids, c.logprobs) for c in g] for g in want]
 
 
+def _left_padded(tok):
+    return [tok("12+3=").input_ids, tok("a longer prompt 7*8=").input_ids, tok("a much longer prompt: 19-4=").input_ids]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_cpu_backend_samples_with_grouped_attention_what_sdpa_samples(monkeypatch, dtype):
+    from backends.attention import NAME
+    from backends.cpu import CPUBackend
+
+    model, tok = tiny_policy()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # a grouped-query model
+    backend = CPUBackend(CPUBackendSpec(threads=torch.get_num_threads(), dtype=dtype))
+    backend.setup(model, tok)
+    assert model.config._attn_implementation == NAME
+    grouped = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        grouped.append(kwargs.get("enable_gqa", False) and kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    params = SamplingParams(n=3, max_new_tokens=20, seed=5)
+    got = backend.generate(_left_padded(tok), params)
+    assert grouped and all(grouped)  # every call read the grouped keys in place, under the padding mask
+    model.set_attn_implementation("sdpa")
+    grouped.clear()
+    want = backend.generate(_left_padded(tok), params)
+    assert grouped and not any(grouped)
+    assert [[(c.ids, c.logprobs) for c in g] for g in got] == [[(c.ids, c.logprobs) for c in g] for g in want]
+    backend.close()
+
+
+def test_grouped_attention_leaves_the_trained_forward_and_its_gradients_as_sdpa_makes_them():
+    from apo_cli.batching import completion_logprobs, pack
+    from backends.attention import use_grouped_attention
+
+    (model, tok), (stock, _) = tiny_policy(), tiny_policy()
+    assert use_grouped_attention(model) and stock.config._attn_implementation == "sdpa"
+    prompts = _left_padded(tok)
+    completions = [tok(" 15 ok").input_ids, tok(" 56").input_ids, tok(" 15 and more").input_ids]
+    packed = pack(prompts, completions, tok.pad_token_id)
+    logp, _ = completion_logprobs(model, packed)
+    want, _ = completion_logprobs(stock, packed)
+    assert torch.equal(logp, want)
+    logp.sum().backward()
+    want.sum().backward()
+    grads = dict(stock.named_parameters())
+    assert all(torch.equal(p.grad, grads[n].grad) for n, p in model.named_parameters())
+    with torch.no_grad():  # the anchors' and the reference's pass: the same bits as the trained forward
+        assert torch.equal(completion_logprobs(model, packed)[0], logp)
+
+
+def test_the_kl_reference_runs_the_policys_attention_and_gives_its_log_probs_at_the_start(tmp_path):
+    from apo_cli.recipe import recipe_from_dict
+    from apo_cli.train import Trainer
+    from backends.attention import NAME
+    from tests.helpers import tiny_recipe
+
+    t = Trainer(recipe_from_dict(tiny_recipe(tmp_path, algorithm={"kl_coef": 0.05})))
+    policy = t.policy
+    assert policy.model.config._attn_implementation == policy.ref_model.config._attn_implementation == NAME
+    prompts = _left_padded(policy.tok)
+    completions = [policy.tok(" 15 ok").input_ids, policy.tok(" 56").input_ids, policy.tok(" 15 and").input_ids]
+    logp, _, _ = policy.logprobs(prompts, completions)
+    assert torch.equal(policy.ref_logprobs(prompts, completions), logp.detach())
+
+
 # -- streaming ------------------------------------------------------------------------------------
 
 

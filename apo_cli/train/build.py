@@ -122,8 +122,11 @@ def _place(r: Recipe, world: World, p: dict[str, Any]) -> Built:
     model = backend.setup(p["model"], p["tok"])
     row_gradient_embedding(model, backend.device)
     ref = p["ref"]
-    if ref is not None:  # where the policy is: on its device, and sharded like it under torchrun
+    if ref is not None:  # where the policy is: on its device, its attention, and sharded like it under torchrun
         ref = ref.to(backend.device)
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if attention is not None and ref.config._attn_implementation != attention:
+            ref.set_attn_implementation(attention)  # the backend's choice (CPU: backends/attention.py)
         ref = shard(ref, world, backend.device) if is_sharded(model) else ref
     max_steps = r.run.max_steps or max(1, math.ceil(r.run.epochs * len(p["examples"]) / r.rollout.prompts_per_step))
     params = [q for q in model.parameters() if q.requires_grad]
