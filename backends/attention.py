@@ -17,12 +17,16 @@ this is transformers' ``sdpa`` unchanged.
 
 :func:`use_grouped_attention` switches a model that runs ``sdpa`` to it (``config._attn_implementation``,
 under the name :data:`NAME` in transformers' ``AttentionInterface``, with ``sdpa``'s masks); the CPU
-backend calls it in ``setup``, and off the CPU it is ``sdpa`` again. The name is not saved: a
+backend calls it in ``setup``, and off the CPU it is ``sdpa`` again. A model whose attention is not
+called through ``AttentionInterface``, or whose code branches on the name ``sdpa`` (Falcon), keeps ``sdpa``. The name is not saved: a
 checkpoint's ``config.json`` has no attention implementation.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
+import sys
 from typing import Any
 
 import torch
@@ -54,7 +58,7 @@ def use_grouped_attention(model: Any) -> bool:
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return False
     can_set = getattr(model, "_can_set_attn_implementation", None)  # False: attention outside AttentionInterface
-    if can_set is not None and not can_set():
+    if (can_set is not None and not can_set()) or _special_cases_sdpa(model):
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -63,3 +67,15 @@ def use_grouped_attention(model: Any) -> bool:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks sdpa gets (without it, transformers builds none)
     model.set_attn_implementation(NAME)
     return config._attn_implementation == NAME
+
+
+def _special_cases_sdpa(model: Any) -> bool:
+    """Whether the model's modeling code does something of its own when its attention is named ``sdpa``
+    (Falcon, GLM-5): another name would change more than the attention call."""
+    base = getattr(model, "get_base_model", None)
+    module = sys.modules.get(type(base() if callable(base) else model).__module__)
+    try:
+        code = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return True
+    return re.search(r"""_attn_implementation\s*[!=]=\s*["']sdpa["']""", code) is not None

@@ -270,6 +270,18 @@ def test_grouped_attention_leaves_the_trained_forward_and_its_gradients_as_sdpa_
         assert torch.equal(completion_logprobs(model, packed)[0], logp)
 
 
+def test_a_model_with_attention_code_of_its_own_keeps_sdpa():
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    from backends.attention import use_grouped_attention
+
+    falcon = AutoModelForCausalLM.from_config(FalconConfig(  # grouped-query; its own attention, branching on "sdpa"
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True))
+    assert not use_grouped_attention(falcon)
+    assert falcon.config._attn_implementation == "sdpa"
+
+
 def test_the_kl_reference_runs_the_policys_attention_and_gives_its_log_probs_at_the_start(tmp_path):
     from apo_cli.recipe import recipe_from_dict
     from apo_cli.train import Trainer
