@@ -21,8 +21,10 @@ does not use a KV cache).
 
 **No padding in the completions' pass.** There, the linear layers and the head run on the real
 tokens only (``_RealRows``: ~15 % of the pass is padding with 16-token completions of mean length
-14); log-probs and entropies are computed on those rows and laid out [n, T] again. Same bits, values
-and gradients, as the padded pass (tests/test_batching_padding.py, tests/test_golden.py).
+14); log-probs and entropies are computed on those rows and laid out [n, T] again. On the CPU: the
+same bits, values and gradients, as the padded pass (tests/test_batching_padding.py,
+tests/test_golden.py). On CUDA the same computation, but cuBLAS chooses its kernels by shape, so the
+last bits may differ from those of a padded pass.
 """
 
 from __future__ import annotations
@@ -250,7 +252,6 @@ class _RealRows:
         self._active.discard(id(module))
         self.packed_head = True
         return out
-
 
 
 def _has_adapters(model) -> bool:
