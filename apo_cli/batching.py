@@ -107,17 +107,18 @@ def completion_logprobs(
     forward) is computed without gradient unless ``entropy_grad`` (an entropy bonus trains on it).
     """
     if SHARE_PROMPTS and packed.shares_prompts and not getattr(model, "is_gradient_checkpointing", False):
-        return _shared_prompt_logprobs(model, packed, autocast or nullcontext(), with_entropy, entropy_grad)
-    with autocast or nullcontext():
-        out = model(
-            input_ids=packed.input_ids,
-            attention_mask=packed.attention_mask,
-            position_ids=packed.position_ids,
-            logits_to_keep=packed.completion_width + 1,
-            use_cache=False,
-        )
-        logits = out.logits[:, :-1, :]  # position k predicts completion token k
-    logp, entropy = _token_logprobs(logits, packed.targets, with_entropy, entropy_grad)
+        logp, entropy = _shared_prompt_logprobs(model, packed, autocast or nullcontext(), with_entropy, entropy_grad)
+    else:
+        with autocast or nullcontext():
+            out = model(
+                input_ids=packed.input_ids,
+                attention_mask=packed.attention_mask,
+                position_ids=packed.position_ids,
+                logits_to_keep=packed.completion_width + 1,
+                use_cache=False,
+            )
+            logits = out.logits[:, :-1, :]  # position k predicts completion token k
+        logp, entropy = _token_logprobs(logits, packed.targets, with_entropy, entropy_grad)
     logp = logp * packed.mask
     return logp, None if entropy is None else entropy * packed.mask
 
@@ -149,13 +150,8 @@ def _shared_prompt_logprobs(model, packed: Packed, autocast: AbstractContextMana
         out = model(input_ids=packed.prompt_ids, attention_mask=packed.prompt_mask, position_ids=prompt_pos,
                     use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1, :].index_select(0, packed.prompt_index)  # [n, V]: predicts completion token 0
-    logp0, ent0 = _token_logprobs(first, packed.targets[:, 0], with_entropy, entropy_grad)  # [n] each
-    # filled as the padded layout's (x * 0) gives: -0.0 for a log-prob (x <= 0), +0.0 for an entropy
-    logp = torch.full((n, t), -0.0, dtype=logp0.dtype, device=logp0.device)
-    entropy = None if ent0 is None else torch.zeros((n, t), dtype=ent0.dtype, device=ent0.device)
-    logp = logp.index_put((torch.arange(n, device=logp.device), torch.zeros_like(packed.prompt_index)), logp0)
-    if entropy is not None:
-        entropy = entropy.index_put((torch.arange(n, device=logp.device), torch.zeros_like(packed.prompt_index)), ent0)
+    parts = [(torch.arange(n, device=first.device) * t,  # flat index of token 0 of each row in [n, T]
+              *_token_logprobs(first, packed.targets[:, 0], with_entropy, entropy_grad))]
     if t > 1:
         cache = out.past_key_values
         cache.batch_select_indices(packed.prompt_index)  # [u, ...] -> [n, ...], differentiable
@@ -173,18 +169,20 @@ def _shared_prompt_logprobs(model, packed: Packed, autocast: AbstractContextMana
                 use_cache=True,
             )
             logits = rest.logits.reshape(-1, rest.logits.shape[-1])  # [R, V] when the head ran on real rows only
+        del rest
         if not rows.packed_head and real.numel() != logits.shape[0]:
             logits = logits.index_select(0, real)
-        del rest
         # input k of a row predicts its completion token k + 1: flat index r of [n, T-1] -> r + r // (T-1) + 1 of [n, T]
         at = real + real.div(t - 1, rounding_mode="floor") + 1
-        targets = packed.targets.reshape(-1).index_select(0, at)
-        lp, ent = _token_logprobs(logits, targets, with_entropy, entropy_grad)
-        logp = logp.reshape(-1).index_put((at,), lp).view(n, t)
-        if entropy is not None:
-            entropy = entropy.reshape(-1).index_put((at,), ent).view(n, t)
-    logp = logp * packed.mask
-    return logp, None if entropy is None else entropy * packed.mask
+        parts.append((at, *_token_logprobs(logits, packed.targets.reshape(-1).index_select(0, at), with_entropy,
+                                           entropy_grad)))
+    at = torch.cat([a for a, _, _ in parts])
+    # the other places are filled as the padded layout's x * 0 gives: -0.0 for a log-prob (x <= 0), +0.0 for an entropy
+    logp = parts[0][1].new_full((n * t,), -0.0).index_put((at,), torch.cat([lp for _, lp, _ in parts])).view(n, t)
+    if parts[0][2] is None:
+        return logp, None
+    entropy = parts[0][2].new_zeros(n * t).index_put((at,), torch.cat([e for _, _, e in parts])).view(n, t)
+    return logp, entropy
 
 
 class _RealRows:
@@ -208,6 +206,7 @@ class _RealRows:
         self.packed_head = False
         self._hooks: list = []
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its real rows): one slot
+        self._share = True  # one gather for the layers that read the same input (not beside LoRA adapters)
         self._active: set[int] = set()
 
     def __enter__(self) -> _RealRows:
@@ -215,13 +214,15 @@ class _RealRows:
             return self
         get_head = getattr(self.model, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
-        # beside an adapter (LoRA), an input's gradient adds those of the base layers and of the adapters
-        # in one order; one gather for several base layers would add theirs first (other last bits)
-        self._share = not _has_adapters(self.model)
+        adapters = False
         for module in self.model.modules():
+            adapters = adapters or isinstance(getattr(module, "lora_A", None), torch.nn.Module)  # peft's LoRA
             if isinstance(module, torch.nn.Linear):
                 self._hooks.append(module.register_forward_pre_hook(self._gather))
                 self._hooks.append(module.register_forward_hook(self._spread if module is not head else self._keep))
+        # beside an adapter (LoRA), an input's gradient adds those of the base layers and of the adapters
+        # in one order; one gather for several base layers would add theirs first (other last bits)
+        self._share = not adapters
         return self
 
     def __exit__(self, *exc) -> None:
@@ -253,7 +254,3 @@ class _RealRows:
         self.packed_head = True
         return out
 
-
-def _has_adapters(model) -> bool:
-    """Whether ``model`` holds LoRA adapters (peft's ``lora_A``/``lora_B`` beside a base layer)."""
-    return any(isinstance(getattr(m, "lora_A", None), torch.nn.Module) for m in model.modules())
